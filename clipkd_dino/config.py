@@ -1,0 +1,179 @@
+"""Typed configuration: dataclasses, YAML files and dotted `key=value` overrides.
+
+Every error names the offending key (or file) in one line and is raised as `ConfigError` before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from clipkd_dino.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy-teacher"  # an open_clip architecture or a shipped config (clipkd_dino/models/model_configs)
+    pretrained: str | None = None  # local checkpoint file to start from
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # CSV file or webdataset shards (brace pattern, e.g. "shards/train-{000000..000009}.tar")
+    format: str = "auto"  # auto | csv | webdataset ("auto": *.csv / *.tsv are CSV, anything else webdataset)
+    num_samples: int | None = None  # webdataset only; default: the sum of sizes.json beside the shards
+    csv_separator: str = "\t"
+    csv_img_key: str = "filepath"
+    csv_caption_key: str = "title"
+    augment: bool = True  # RandomResizedCrop(scale=crop_scale); False: resize + centre crop
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    workers: int = 2  # DataLoader workers per process
+    shuffle_buffer: int = 2000  # webdataset sample shuffle buffer
+    val_retrieval: str | None = None  # retrieval JSONL evaluated at epoch ends
+    val_zeroshot: str | None = None  # zero-shot directory evaluated at epoch ends
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1  # not applied to gains, biases and the logit scale
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 10000  # optimiser steps of linear warm-up, then cosine decay to 0
+    grad_clip: float | None = None  # max global gradient norm; None: no clipping
+    accum_steps: int = 1  # micro-batches per optimiser step (each micro-batch is its own contrastive batch)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 32
+    batch_size: int = 128  # per process and micro-batch; the global batch is batch_size x processes
+    precision: str = "fp32"  # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA, with loss scaling)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    seed: int = 0
+    output_dir: str = "runs/clip"
+    checkpoint_every_steps: int = 0  # also save `latest` every N optimiser steps (0: at epoch ends only)
+    log_every_steps: int = 10
+    eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults when `path` is None) and apply `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(Config, raw, prefix="")
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + str(unknown[0])!r} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, hint, prefix + name)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a simple type hint (str, int, float, bool, list[X], X | None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def check_values(config: Config) -> None:
+    """Range and choice checks that the types alone do not express."""
+    choices = {
+        "data.format": (config.data.format, ("auto", "csv", "webdataset")),
+        "train.precision": (config.train.precision, ("fp32", "bf16", "fp16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
+    positive = {
+        "train.epochs": config.train.epochs,
+        "train.batch_size": config.train.batch_size,
+        "optim.accum_steps": config.optim.accum_steps,
+        "optim.lr": config.optim.lr,
+    }
+    non_negative = {
+        "data.workers": config.data.workers,
+        "optim.warmup_steps": config.optim.warmup_steps,
+        "optim.weight_decay": config.optim.weight_decay,
+        "train.checkpoint_every_steps": config.train.checkpoint_every_steps,
+        "train.eval_every_epochs": config.train.eval_every_epochs,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if len(config.optim.betas) != 2 or len(config.data.crop_scale) != 2:
+        raise ConfigError("config keys 'optim.betas' and 'data.crop_scale' take two numbers each")
+    if not config.data.train:
+        raise ConfigError("config key 'data.train' is required (a CSV file or webdataset shards)")

@@ -1,0 +1,31 @@
+"""`clipkd train CONFIG.yaml [key=value ...] [--resume latest|PATH]`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a CLIP model (single process or under torchrun)",
+        description="Train a CLIP model from a YAML config. Override any key with key.sub=value "
+                    "(e.g. train.epochs=3 data.workers=0). Launch with torchrun for several processes.",
+    )
+    parser.add_argument("config", help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest') or a checkpoint file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from clipkd_dino.config import load_config
+    from clipkd_dino.report import format_summary
+    from clipkd_dino.train.trainer import train
+
+    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":
+        print(format_summary(summary))
+    return 0

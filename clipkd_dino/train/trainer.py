@@ -1,0 +1,283 @@
+"""The training loop: one code path for a 2-core CPU and a torchrun GPU cluster.
+
+Outputs in `train.output_dir`:
+  config.yaml                 the resolved configuration
+  checkpoints/epoch_N.pt      the model after epoch N (open_clip-loadable)
+  checkpoints/latest.pt       model + optimiser + scheduler + position, for `--resume latest`
+  log.jsonl                   losses, learning rate and samples/s every `train.log_every_steps` steps
+  metrics.jsonl               evaluation results after epochs
+  summary.json                final metrics, wall time, skipped-sample counts
+  tensorboard/                the same scalars for TensorBoard
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from clipkd_dino.config import Config, check_values, config_to_dict
+from clipkd_dino.data.pairs import TrainData, check_sources
+from clipkd_dino.errors import ConfigError
+from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
+from clipkd_dino.models.factory import check_pretrained
+from clipkd_dino.runtime import autocast, resolve_device
+from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume, save_atomic
+from clipkd_dino.train.distributed import DistInfo, global_min, init_distributed, shutdown_distributed
+from clipkd_dino.train.objectives import MAX_LOGIT_SCALE, CLIPObjective
+from clipkd_dino.train.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Position:
+    """Where training stands: `batch` micro-batches done in `epoch` (0-based), `step` optimiser steps in all."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+def check_inputs(config: Config) -> None:
+    """Every check that needs no heavy work: values, model name, files. Raises ConfigError naming the key."""
+    check_values(config)
+    model_config(config.model.name)
+    check_pretrained(config.model.pretrained)
+    check_sources(config.data.train, config.data.format)
+    if config.data.val_retrieval and not Path(config.data.val_retrieval).is_file():
+        raise ConfigError(f"config key 'data.val_retrieval': file not found: {config.data.val_retrieval}")
+    if config.data.val_zeroshot and not Path(config.data.val_zeroshot).is_dir():
+        raise ConfigError(f"config key 'data.val_zeroshot': folder not found: {config.data.val_zeroshot}")
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None) -> None:
+        check_inputs(config)
+        self.config = config
+        self.output_dir = Path(config.train.output_dir)
+        resume_path = resolve_resume(resume, self.output_dir) if resume else None
+        device = resolve_device(config.train.device)
+        self.dist: DistInfo = init_distributed(device.type)
+        if device.type == "cuda" and self.dist.enabled:
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+
+        torch.manual_seed(config.train.seed)
+        self.model = create_model(config.model.name, config.model.pretrained, device)
+        self.tokenizer = get_tokenizer(config.model.name)
+        train_transform, self.eval_transform = image_transforms(
+            self.model, config.data.augment, tuple(config.data.crop_scale)
+        )
+        self.data = TrainData(config.data, train_transform, self.tokenizer, config.train.batch_size,
+                              self.dist.rank, self.dist.world_size, config.train.seed)
+        self.objective = CLIPObjective(self.model).to(device)
+        self.wrapped = (
+            DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+            if self.dist.enabled else self.objective
+        )
+        accum = config.optim.accum_steps
+        self.steps_per_epoch = self.data.steps_per_epoch // accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.accum_steps={accum} is more than the {self.data.steps_per_epoch} batches "
+                              "of an epoch")
+        self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.objective, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+        self.position = Position()
+        self.skipped: Counter = Counter()
+        if resume_path:
+            self._restore(load_checkpoint(resume_path))
+        self.writer = None
+        if self.dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        start = time.time()
+        metrics: dict[str, Any] = {}
+        try:
+            while self.position.epoch < self.config.train.epochs:
+                self._train_epoch()
+                self.position = Position(self.position.epoch + 1, 0, self.position.step)
+                epoch = self.position.epoch
+                every = self.config.train.eval_every_epochs
+                if (every and epoch % every == 0) or epoch == self.config.train.epochs:
+                    metrics = self._evaluate()
+                self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
+                self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
+            summary = {
+                "model": self.config.model.name,
+                "epochs": self.config.train.epochs,
+                "steps": self.position.step,
+                "processes": self.dist.world_size,
+                "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
+                "wall_seconds": round(time.time() - start, 1),
+                "skipped_samples": dict(self.skipped),
+                "checkpoint": str(self.output_dir / "checkpoints" / f"epoch_{self.config.train.epochs}.pt"),
+                "metrics": metrics,
+            }
+            if self.dist.is_main:
+                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            return summary
+        finally:
+            if self.writer:
+                self.writer.close()
+            shutdown_distributed()
+
+    def _train_epoch(self) -> None:
+        cfg, pos = self.config, self.position
+        accum = cfg.optim.accum_steps
+        batches = self.data.epoch_batches(pos.epoch, skip_batches=pos.batch)
+        progress = tqdm(total=self.steps_per_epoch * accum, initial=pos.batch, disable=not self.dist.is_main,
+                        desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}", unit="batch", dynamic_ncols=True)
+        window_start, window_samples = time.time(), 0
+        losses: dict[str, float] = {}
+        self.wrapped.train()
+        for batch in batches:
+            if pos.batch >= self.steps_per_epoch * accum:
+                break
+            self.skipped.update(batch["skipped"])
+            micro = pos.batch % accum
+            if global_min(len(batch["images"]), self.device) > 0:
+                window_samples += len(batch["images"]) * self.dist.world_size
+                named = self._forward_backward(batch, sync=micro == accum - 1)
+                for name, value in named.items():
+                    losses[name] = losses.get(name, 0.0) + value / accum
+            pos.batch += 1
+            progress.update(1)
+            if micro != accum - 1:
+                continue
+            lr = self._optimizer_step()
+            if pos.step == 1 or pos.step % cfg.train.log_every_steps == 0:
+                rate = window_samples / max(time.time() - window_start, 1e-9)
+                self._log(losses, lr, rate)
+                progress.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                     samples_s=f"{rate:.0f}", skipped=sum(self.skipped.values()))
+                window_start, window_samples = time.time(), 0
+            losses = {}
+            every = cfg.train.checkpoint_every_steps
+            if every and pos.step % every == 0:
+                self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
+        progress.close()
+        self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch's end
+
+    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, float]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        texts = batch["texts"].to(self.device, non_blocking=True)
+        no_sync = self.wrapped.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
+        with no_sync():
+            with autocast(self.device, self.config.train.precision):
+                named = self.wrapped(images, texts)
+            loss = sum(named.values())
+            self.scaler.scale(loss / self.config.optim.accum_steps).backward()
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
+
+    def _optimizer_step(self) -> float:
+        if self.config.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        self.position.step += 1
+        return lr
+
+    # ------------------------------------------------------------------------------------ outputs and state
+    def _log(self, losses: dict[str, float], lr: float, samples_per_s: float) -> None:
+        if not self.dist.is_main:
+            return
+        step = self.position.step
+        record = {"step": step, "epoch": self.position.epoch, **losses, "lr": lr, "samples_per_s": samples_per_s,
+                  "logit_scale": float(self.model.logit_scale.detach().exp())}
+        with open(self.output_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name not in ("step", "epoch"):
+                self.writer.add_scalar(f"train/{name}", value, step)
+
+    def _evaluate(self) -> dict[str, Any]:
+        data = self.config.data
+        if not self.dist.is_main or not (data.val_retrieval or data.val_zeroshot):
+            return {}
+        from clipkd_dino.eval.evaluate import evaluate_model
+
+        metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=data.val_retrieval,
+                                 zeroshot=data.val_zeroshot, device=self.device,
+                                 precision=self.config.train.precision, num_workers=data.workers)
+        record = {"epoch": self.position.epoch, "step": self.position.step, **metrics}
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        for name, value in _flatten(metrics).items():
+            self.writer.add_scalar(f"val/{name}", value, self.position.step)
+        tqdm.write(f"[epoch {self.position.epoch}] " + "  ".join(
+            f"{k}={v:.2f}" for k, v in _flatten(metrics).items() if k.endswith(("R@1", "top1"))))
+        self.model.train()
+        return metrics
+
+    def _save(self, path: Path, full: bool) -> None:
+        if not self.dist.is_main:
+            return
+        payload: dict[str, Any] = {
+            "state_dict": self.model.state_dict(),
+            "model_name": self.config.model.name,
+            "epoch": self.position.epoch,
+            "batch_in_epoch": self.position.batch,
+            "step": self.position.step,
+            "config": config_to_dict(self.config),
+        }
+        if full:
+            payload |= {
+                "objective": self.objective.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "skipped": dict(self.skipped),
+            }
+        save_atomic(payload, path)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if "optimizer" not in state:
+            raise ConfigError("--resume needs a full checkpoint (checkpoints/latest.pt), not an epoch_N.pt file")
+        if state["model_name"] != self.config.model.name:
+            raise ConfigError(f"--resume: the checkpoint is a {state['model_name']!r} model, the config says "
+                              f"{self.config.model.name!r}")
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.skipped.update(state["skipped"])
+        self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def train(config: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train a CLIP model as `config` says; returns the run summary."""
+    return Trainer(config, resume).run()
