@@ -40,8 +40,14 @@ class Skipped:
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from a brace pattern; several patterns may be joined with '::' (open_clip convention)."""
-    return [url for part in pattern.split("::") for url in braceexpand(part)]
+    """Shard paths from brace patterns joined by '::' (open_clip convention); a folder stands for its *.tar files."""
+    urls = []
+    for part in pattern.split("::"):
+        if Path(part).is_dir():
+            urls.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+        else:
+            urls.extend(braceexpand(part))
+    return urls
 
 
 def data_format(path: str, configured: str = "auto") -> str:
@@ -53,6 +59,8 @@ def data_format(path: str, configured: str = "auto") -> str:
 def check_sources(pattern: str, configured_format: str = "auto", key: str = "data.train") -> None:
     """One-line ConfigError naming `key` and the path when a CSV file or a shard does not exist."""
     paths = [pattern] if data_format(pattern, configured_format) == "csv" else expand_shards(pattern)
+    if not paths:
+        raise ConfigError(f"config key {key!r}: no shards in {pattern}")
     for path in paths:
         if "://" not in path and not Path(path).is_file():
             raise ConfigError(f"config key {key!r}: file not found: {path}")

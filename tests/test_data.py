@@ -1,0 +1,119 @@
+"""CSV and webdataset loading of image-caption pairs, including bad samples and broken shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipkd_dino.config import DataConfig
+from clipkd_dino.data.pairs import TrainData, expand_shards
+from clipkd_dino.errors import ConfigError
+from clipkd_dino.models import create_model, get_tokenizer, image_transforms
+
+
+@pytest.fixture(scope="module")
+def student():
+    model = create_model("toy-student")
+    return get_tokenizer("toy-student"), image_transforms(model, augment=False)[0]
+
+
+def batches(data: TrainData, epoch: int = 0) -> list[dict]:
+    return list(data.epoch_batches(epoch))
+
+
+def test_csv_pairs_visit_every_row_once_per_epoch(toyworld_dir, student):
+    tokenizer, transform = student
+    cfg = DataConfig(train=str(toyworld_dir / "train" / "captions.csv"), workers=0)
+    data = TrainData(cfg, transform, tokenizer, batch_size=32)
+    assert data.num_samples == 96 * 5 and data.steps_per_epoch == 15
+    epoch = batches(data)
+    assert len(epoch) == 15
+    assert epoch[0]["images"].shape == (32, 3, 48, 48)
+    assert epoch[0]["texts"].shape == (32, 32) and epoch[0]["texts"].dtype == torch.long
+    # every caption ends with the end-of-text id, the largest of the vocabulary
+    eot = tokenizer.vocab_size - 1
+    assert all((row == eot).any() and row.max() == eot for row in epoch[0]["texts"])
+    assert sum(sum(b["skipped"].values()) for b in epoch) == 0
+    # a new epoch is a new order; the same epoch is the same order
+    first = lambda e: batches(data, e)[0]["texts"]
+    assert torch.equal(first(0), epoch[0]["texts"]) and not torch.equal(first(1), epoch[0]["texts"])
+
+
+def test_csv_bad_rows_are_skipped_and_counted(tmp_path, toyworld_dir, student):
+    tokenizer, transform = student
+    good = (toyworld_dir / "train" / "captions.csv").read_text().splitlines()
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [good[0]] + [r.replace("images/", str(toyworld_dir / "train" / "images") + "/") for r in good[1:31]]
+    rows += [f"{tmp_path / 'broken.png'}\ta red star", f"{tmp_path / 'missing.png'}\ta blue moon",
+             f"{rows[1].split(chr(9))[0]}\t  "]
+    (tmp_path / "bad.csv").write_text("\n".join(rows) + "\n")
+    data = TrainData(DataConfig(train=str(tmp_path / "bad.csv"), workers=0), transform, tokenizer, batch_size=11)
+    epoch = batches(data)
+    skipped = {}
+    for batch in epoch:
+        for reason, count in batch["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    assert skipped == {"bad_image": 1, "missing_image": 1, "empty_caption": 1}
+    assert sum(len(b["images"]) for b in epoch) == 30
+
+
+def test_csv_missing_column_names_file_and_key(tmp_path, student):
+    (tmp_path / "x.csv").write_text("path\tcaption\na.png\ta cat\n")
+    with pytest.raises(ConfigError, match=r"x\.csv: column 'filepath' not found"):
+        TrainData(DataConfig(train=str(tmp_path / "x.csv")), student[1], student[0], batch_size=1)
+
+
+def test_webdataset_shards_from_brace_pattern_and_folder(toyworld_dir, student):
+    tokenizer, transform = student
+    shards = toyworld_dir / "train" / "shards"
+    assert expand_shards(str(shards)) == expand_shards(str(shards / "train-{000000..000002}.tar"))
+    cfg = DataConfig(train=str(shards), workers=0, shuffle_buffer=10)
+    data = TrainData(cfg, transform, tokenizer, batch_size=16)
+    assert data.num_samples == 96 and data.steps_per_epoch == 6
+    epoch = batches(data)
+    assert len(epoch) == 6 and all(b["images"].shape == (16, 3, 48, 48) for b in epoch)
+    assert len(batches(data, 1)) == 6, "the stream continues into the next epoch"
+
+
+def test_webdataset_broken_shard_is_skipped_and_counted(tmp_path, toyworld_dir, student):
+    tokenizer, transform = student
+    source = sorted((toyworld_dir / "train" / "shards").glob("*.tar"))[0]
+    good = tmp_path / "good.tar"
+    good.write_bytes(source.read_bytes())
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(source.read_bytes()[:20000])
+    (tmp_path / "sizes.json").write_text('{"good.tar": 32, "truncated.tar": 32}')
+    cfg = DataConfig(train=f"{good}::{truncated}", workers=0, shuffle_buffer=4)
+    data = TrainData(cfg, transform, tokenizer, batch_size=8)
+    skipped = {}
+    for epoch in range(3):
+        for batch in data.epoch_batches(epoch):
+            for reason, count in batch["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + count
+    assert skipped.get("bad_shard_member", 0) >= 1
+
+
+def test_webdataset_multiline_caption_draws_each_caption(tmp_path, student):
+    from PIL import Image
+    import webdataset as wds
+
+    tokenizer, transform = student
+    image = io.BytesIO()
+    Image.new("RGB", (48, 48), "red").save(image, format="PNG")
+    with wds.TarWriter(str(tmp_path / "one.tar")) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"k{i}", "png": image.getvalue(), "txt": "a red circle\na red square\n"})
+    cfg = DataConfig(train=str(tmp_path / "one.tar"), num_samples=8, workers=0, shuffle_buffer=1)
+    data = TrainData(cfg, transform, tokenizer, batch_size=8)
+    seen = {tuple(row.tolist()) for epoch in range(4) for b in data.epoch_batches(epoch) for row in b["texts"]}
+    assert len(seen) == 2
+
+
+def test_webdataset_without_sizes_needs_num_samples(tmp_path, student):
+    (tmp_path / "a.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data.num_samples"):
+        TrainData(DataConfig(train=str(tmp_path / "a.tar")), student[1], student[0], batch_size=1)
