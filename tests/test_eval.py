@@ -220,19 +220,12 @@ def tiny_checkpoint(tmp_path) -> tuple[str, str]:
     return "eval-test-tiny", str(checkpoint)
 
 
-@pytest.fixture
-def eval_main(monkeypatch):
-    """`clipkd_dino.cli.main` with only the eval subcommand registered (independent of the other subcommands)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("clipkd_dino.eval.commands",))
-    return cli.main
-
-
-def test_clipkd_eval_end_to_end(tmp_path, tiny_checkpoint, eval_main, capsys):
+def test_clipkd_eval_end_to_end(tmp_path, tiny_checkpoint, capsys):
     name, checkpoint = tiny_checkpoint
     _make_dataset(tmp_path)
     out = tmp_path / "out" / "metrics.json"
     argv = ["eval", "--model", name, "--pretrained", checkpoint, "--out", str(out), "--workers", "0", "--device", "cpu"]
-    assert eval_main([*argv, "--retrieval", str(tmp_path / "val.jsonl"), "--zeroshot", str(tmp_path)]) == 0
+    assert cli.main([*argv, "--retrieval", str(tmp_path / "val.jsonl"), "--zeroshot", str(tmp_path)]) == 0
     report = json.loads(out.read_text())
     assert report["model"] == name and report["pretrained"].endswith("tiny.pt") and report["timestamp"]
     assert set(report["protocols"]) == {"any_caption", "one_to_one"}
@@ -261,14 +254,14 @@ def test_clipkd_eval_end_to_end(tmp_path, tiny_checkpoint, eval_main, capsys):
     ],
 )
 def test_clipkd_eval_user_errors_exit_2(
-    tmp_path, monkeypatch, tiny_checkpoint, eval_main, capsys, option, value, message
+    tmp_path, monkeypatch, tiny_checkpoint, capsys, option, value, message
 ):
     name, checkpoint = tiny_checkpoint
     _make_dataset(tmp_path, num_images=1)
     monkeypatch.chdir(tmp_path)
     options = {"--model": name, "--pretrained": checkpoint, "--retrieval": "val.jsonl", option: value}
     argv = ["eval", "--out", "m.json", *(item for key, val in options.items() if val for item in (key, val))]
-    assert eval_main(argv) == 2
+    assert cli.main(argv) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
     assert not (tmp_path / "m.json").exists()

@@ -1,0 +1,200 @@
+"""Caption sources: plain text, CSV/TSV, COCO captions JSON, JSONL and webdataset shards, read as streams.
+
+Every reader yields raw caption strings (decoded as UTF-8 with invalid bytes replaced by U+FFFD, which the cleaner
+then rejects) and counts the records it cannot use in a shared `problems` counter. Each file is hashed while it is
+read, so a source's digest costs no second pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipkd_dino.errors import UserError
+
+FORMATS = {
+    ".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "coco", ".jsonl": "jsonl",
+    ".tar": "webdataset", ".tar.gz": "webdataset", ".tgz": "webdataset",
+}
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """Format options, named after open_clip's flags where it has them."""
+
+    csv_separator: str = "\t"
+    csv_caption_key: str = "title"
+    jsonl_caption_key: str = "caption"
+
+
+@dataclass
+class Source:
+    """One caption file; `sha256` and `captions` are filled once it has been read to the end."""
+
+    path: Path
+    format: str
+    sha256: str = ""
+    captions: int = 0
+
+    def describe(self) -> dict[str, object]:
+        return {"path": str(self.path), "format": self.format, "sha256": self.sha256, "captions": self.captions}
+
+
+def expand_sources(patterns: Sequence[str]) -> list[Source]:
+    """Expand brace patterns ("shard-{000..009}.tar") and check that each file exists and has a known format."""
+    from braceexpand import braceexpand
+
+    sources = []
+    for pattern in patterns:
+        for name in braceexpand(pattern):
+            path = Path(name)
+            if not path.is_file():
+                raise UserError(f"caption source not found: {path}")
+            sources.append(Source(path, source_format(path)))
+    return sources
+
+
+def source_format(path: Path) -> str:
+    """The reader for a file, from its extension."""
+    name = path.name.lower()
+    for suffix, kind in sorted(FORMATS.items(), key=lambda item: -len(item[0])):
+        if name.endswith(suffix):
+            return kind
+    known = ", ".join(sorted(FORMATS))
+    raise UserError(f"unknown caption source format: {path} (expected one of {known})")
+
+
+def read_captions(source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
+    """Yield the raw captions of one source; fills `source.sha256` and `source.captions` when done."""
+    reader = {"text": _text, "csv": _csv, "coco": _coco, "jsonl": _jsonl, "webdataset": _webdataset}[source.format]
+    try:
+        raw = open(source.path, "rb")  # noqa: SIM115 - closed in finally, after the generator is exhausted
+    except OSError as error:
+        raise UserError(f"cannot open caption source {source.path}: {error}") from error
+    hashing = _HashingReader(raw)
+    stream = io.BufferedReader(hashing, buffer_size=1 << 20)
+    try:
+        for caption in reader(stream, source, options, problems):
+            source.captions += 1
+            yield caption
+        source.sha256 = hashing.finish()
+    finally:
+        raw.close()
+
+
+class _HashingReader(io.RawIOBase):
+    """A raw binary stream that feeds every byte it reads into a sha256."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self._raw, self._hash = raw, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:
+        size = self._raw.readinto(buffer)
+        self._hash.update(memoryview(buffer)[:size])
+        return size
+
+    def finish(self) -> str:
+        """Hash what is left unread (e.g. a tar's trailing blocks) and return the file's digest."""
+        while chunk := self._raw.read(1 << 20):
+            self._hash.update(chunk)
+        return self._hash.hexdigest()
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def _text(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
+    for line in stream:
+        yield _decode(line.rstrip(b"\r\n"))
+
+
+def _csv(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    rows = csv.reader(text, delimiter=options.csv_separator)
+    header = next(rows, None)
+    key = options.csv_caption_key
+    if header is None or key not in header:
+        found = ", ".join(repr(name) for name in header or [])
+        raise UserError(f"{source.path}: no caption column {key!r} (columns: {found}); set --csv-caption-key "
+                        f"and --csv-separator")
+    column = header.index(key)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error:
+            problems["bad_record"] += 1
+            continue
+        if not row:
+            problems["empty"] += 1
+        elif len(row) <= column:
+            problems["bad_record"] += 1
+        else:
+            yield row[column]
+
+
+def _coco(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
+    try:
+        data = json.loads(_decode(stream.read()))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{source.path}: not valid JSON ({error})") from error
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise UserError(f"{source.path}: not a COCO captions file (no 'annotations' list)")
+    for annotation in annotations:
+        caption = annotation.get("caption") if isinstance(annotation, dict) else None
+        if isinstance(caption, str):
+            yield caption
+        else:
+            problems["bad_record"] += 1
+
+
+def _jsonl(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
+    key, found, missing = options.jsonl_caption_key, False, 0
+    for line in stream:
+        if not line.strip():
+            problems["empty"] += 1
+            continue
+        try:
+            record = json.loads(_decode(line))
+        except json.JSONDecodeError:
+            problems["bad_record"] += 1
+            continue
+        caption = record.get(key) if isinstance(record, dict) else None
+        if isinstance(caption, str):
+            found = True
+            yield caption
+        else:
+            missing += 1
+            problems["bad_record"] += 1
+    if missing and not found:
+        raise UserError(f"{source.path}: no record has a string {key!r} field (set --jsonl-caption-key)")
+
+
+def _webdataset(
+    stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]
+) -> Iterator[str]:
+    try:
+        archive = tarfile.open(fileobj=stream, mode="r|*")
+    except tarfile.TarError as error:
+        raise UserError(f"{source.path}: not a readable tar shard ({error})") from error
+    try:
+        for member in archive:
+            if member.isfile() and member.name.lower().endswith(".txt"):
+                yield _decode(archive.extractfile(member).read())
+    except (tarfile.TarError, EOFError, OSError):
+        problems["truncated_shard"] += 1
