@@ -76,18 +76,15 @@ def read_captions(source: Source, options: ReaderOptions, problems: Counter[str]
     """Yield the raw captions of one source; fills `source.sha256` and `source.captions` when done."""
     reader = {"text": _text, "csv": _csv, "coco": _coco, "jsonl": _jsonl, "webdataset": _webdataset}[source.format]
     try:
-        raw = open(source.path, "rb")  # noqa: SIM115 - closed in finally, after the generator is exhausted
+        raw = open(source.path, "rb")
     except OSError as error:
         raise UserError(f"cannot open caption source {source.path}: {error}") from error
-    hashing = _HashingReader(raw)
-    stream = io.BufferedReader(hashing, buffer_size=1 << 20)
-    try:
-        for caption in reader(stream, source, options, problems):
+    with raw:
+        hashing = _HashingReader(raw)
+        for caption in reader(io.BufferedReader(hashing, buffer_size=1 << 20), source, options, problems):
             source.captions += 1
             yield caption
         source.sha256 = hashing.finish()
-    finally:
-        raw.close()
 
 
 class _HashingReader(io.RawIOBase):
