@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from clipkd_dino.data.toyworld import generate
     from clipkd_dino.eval.evaluate import evaluate_model
     from clipkd_dino.models import create_model, get_tokenizer, image_transforms
-    from clipkd_dino.report import format_metrics
+    from clipkd_dino.report import format_metrics, plot_eval_curves
     from clipkd_dino.train.trainer import train
 
     data, out = Path(args.data), Path(args.out)
@@ -77,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(
         [{"run": name, "checkpoint": ckpt, "train_seconds": seconds, "metrics": metrics}
          for name, ckpt, seconds, metrics in rows], indent=2))
-    print(f"\n[demo] metrics in {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out}")
+    curves = {name: Path(ckpt).parents[1] / "metrics.jsonl" for name, ckpt, _, _ in rows}
+    curves = {name: path for name, path in curves.items() if path.is_file()}
+    plot = plot_eval_curves(curves, out / "curves.png")
+    print(f"\n[demo] metrics in {out / 'summary.json'}, curves in {plot}; "
+          f"TensorBoard: tensorboard --logdir {out}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -37,3 +39,35 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("metrics"):
         lines.append(format_metrics(summary["metrics"]))
     return "\n".join(lines)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_eval_curves(runs: dict[str, Path], out: Path) -> Path:
+    """One PNG with i2t R@1 (any_caption) and zero-shot top-1 against the epoch, a line per run.
+
+    `runs` maps a label to the run's `metrics.jsonl`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, path in runs.items():
+        records = read_jsonl(path)
+        epochs = [r["epoch"] for r in records]
+        left.plot(epochs, [r["retrieval"]["any_caption"]["i2t_R@1"] for r in records], marker="o", label=label)
+        right.plot(epochs, [r["zeroshot"]["top1"] for r in records], marker="o", label=label)
+    for axis, title in ((left, "i2t R@1, any_caption (%)"), (right, "zero-shot top-1 (%)")):
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clipkd_dino.config import load_config
+from clipkd_dino.report import plot_eval_curves
 from clipkd_dino.train.trainer import train
 from conftest import REPO
 
@@ -45,3 +46,5 @@ def test_accumulation_clipping_bf16_and_logs(tmp_path, toyworld_dir):
     assert evaluation["retrieval"]["num_images"] == 24 and 0 <= evaluation["zeroshot"]["top1"] <= 100
     assert summary["metrics"] == {k: v for k, v in evaluation.items() if k not in ("epoch", "step")}
     assert (run / "checkpoints" / "epoch_1.pt").is_file() and (run / "config.yaml").is_file()
+    plot = plot_eval_curves({"student": run / "metrics.jsonl"}, tmp_path / "curves.png")
+    assert plot.read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One short GPU check for a session that is lent a GPU machine: the CUDA tests, a 1-GPU torchrun smoke run (NCCL),
+# and the training step benchmark on the GPU. Prints everything; record the tables in docs/benchmarks.md with the
+# card's name. Usage: bash benchmarks/gpu_check.sh   (from the repository root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+.venv/bin/python -m pytest -q tests/test_cuda.py
+tmp="$(mktemp -d)"
+.venv/bin/clipkd toyworld --out "$tmp/tw" --train 2048 --val 256 --image-size 64 > /dev/null
+.venv/bin/python -m torch.distributed.run --standalone --nproc_per_node 1 -m clipkd_dino.cli train \
+  configs/toy_student.yaml "data.train=$tmp/tw/train/shards" "data.val_retrieval=$tmp/tw/val/retrieval.jsonl" \
+  "data.val_zeroshot=$tmp/tw/val/zeroshot" train.epochs=1 train.precision=bf16 "train.output_dir=$tmp/run" 2>&1 \
+  | grep -v "batch/s" | tail -8
+.venv/bin/python benchmarks/train_step.py --models toy-teacher ViT-T-16 --batch 128 --device cuda
