@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", default="data/toyworld", help="toyworld folder (generated when missing)")
     parser.add_argument("--out", default="runs/demo", help="where runs, metrics and the summary go")
     parser.add_argument("--retrain-teacher", action="store_true", help="train the toy teacher instead of "
-                        "using the shipped checkpoint (about 12 minutes on 2 cores)")
+                        "using the shipped checkpoint (about 32 minutes on 2 cores)")
     parser.add_argument("--student-epochs", type=int, default=3, help="epochs of the baseline student")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.set_defaults(func=run)
