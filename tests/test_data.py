@@ -77,6 +77,8 @@ def test_webdataset_shards_from_brace_pattern_and_folder(toyworld_dir, student):
     epoch = batches(data)
     assert len(epoch) == 6 and all(b["images"].shape == (16, 3, 48, 48) for b in epoch)
     assert len(batches(data, 1)) == 6, "the stream continues into the next epoch"
+    again = TrainData(cfg, transform, tokenizer, batch_size=16)
+    assert torch.equal(batches(again)[0]["images"], epoch[0]["images"]), "same seed, same stream"
 
 
 def test_webdataset_broken_shard_is_skipped_and_counted(tmp_path, toyworld_dir, student):

@@ -220,11 +220,11 @@ class TrainData:
     def _webdataset_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         import webdataset as wds
 
-        start = (self.seed, self.rank, epoch, skip_batches)
+        seed = hash((self.seed, self.rank, epoch, skip_batches)) % 2**31  # reproducible, new on resume
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, deterministic=True, seed=hash(start) % 2**31),
+            wds.ResampledShards(self.urls, deterministic=True, seed=seed),
             wds.tarfile_to_samples(handler=_count_and_continue),
-            wds.shuffle(self.cfg.shuffle_buffer, initial=min(self.cfg.shuffle_buffer, 500)),
+            wds.shuffle(self.cfg.shuffle_buffer, initial=min(self.cfg.shuffle_buffer, 500), seed=seed),
             wds.map(lambda sample: _decode_webdataset_sample(sample, self.transform, self.tokenizer)),
         )
         return self._loader(pipeline)
