@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from clipkd_dino.config import load_config
     from clipkd_dino.data.toyworld import generate
     from clipkd_dino.eval.evaluate import evaluate_model
+    from clipkd_dino.files import write_json_atomic
     from clipkd_dino.models import create_model, get_tokenizer, image_transforms
     from clipkd_dino.report import format_metrics, plot_eval_curves
     from clipkd_dino.train.trainer import train
@@ -73,10 +73,9 @@ def run(args: argparse.Namespace) -> int:
 
     table = format_demo_table(rows)
     print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(
-        [{"run": name, "checkpoint": ckpt, "train_seconds": seconds, "metrics": metrics}
-         for name, ckpt, seconds, metrics in rows], indent=2))
+    write_json_atomic(out / "summary.json", [
+        {"run": name, "checkpoint": ckpt, "train_seconds": seconds, "metrics": metrics}
+        for name, ckpt, seconds, metrics in rows])
     curves = {name: Path(ckpt).parents[1] / "metrics.jsonl" for name, ckpt, _, _ in rows}
     curves = {name: path for name, path in curves.items() if path.is_file()}
     plot = plot_eval_curves(curves, out / "curves.png")

@@ -23,8 +23,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
                              f"{r['t2i_R@1']:8.2f} {r['t2i_R@5']:8.2f} {r['t2i_R@10']:9.2f}")
     zeroshot = metrics.get("zeroshot")
     if zeroshot:
-        lines.append(f"zero-shot on {zeroshot.get('num_samples')} images: top-1 {zeroshot['top1']:.2f}%  "
-                     f"top-5 {zeroshot['top5']:.2f}%")
+        lines.append(f"zero-shot on {zeroshot.get('num_samples')} images: top1 {zeroshot['top1']:.2f}%  "
+                     f"top5 {zeroshot['top5']:.2f}%")
     return "\n".join(lines)
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
-from pathlib import Path
 
 import pytest
 import torch

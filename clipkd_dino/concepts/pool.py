@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from clipkd_dino import __version__
 from clipkd_dino.concepts.clean import REPAIR_REASONS, SKIP_REASONS
 from clipkd_dino.errors import UserError
+from clipkd_dino.files import write_json_atomic
 
 if TYPE_CHECKING:
     from clipkd_dino.concepts.build import BuildOptions, Tally
@@ -58,9 +59,7 @@ class ConceptPool:
                 "collocations": self.collocations, "run": self.run, "concepts": self.concepts}
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(Path(path), self.to_json(), indent=1, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: Path) -> ConceptPool:

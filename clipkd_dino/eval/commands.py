@@ -6,10 +6,6 @@ Only argparse is imported at module level; the library is imported when the comm
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from clipkd_dino.eval.evaluate import evaluate_model
     from clipkd_dino.eval.retrieval import PROTOCOLS, read_retrieval_file
     from clipkd_dino.eval.zeroshot import read_zeroshot_dir
+    from clipkd_dino.files import write_json_atomic
     from clipkd_dino.models.factory import create_model, get_tokenizer, image_transforms
+    from clipkd_dino.report import format_metrics
     from clipkd_dino.runtime import autocast, resolve_device
 
     if not args.retrieval and not args.zeroshot:
@@ -73,38 +71,10 @@ def run(args: argparse.Namespace) -> int:
         **({"protocols": PROTOCOLS} if retrieval else {}),
         **metrics,
     }
-    _write_json_atomic(out, report)
-    print(format_table(metrics))
+    write_json_atomic(out, report)
+    print(format_metrics(metrics))
     print(f"wrote {out}")
     return 0
-
-
-def format_table(metrics: dict) -> str:
-    """A small readable table of `evaluate_model`'s result."""
-    lines = []
-    if "retrieval" in metrics:
-        result = metrics["retrieval"]
-        lines.append(f"retrieval {result['file']} ({result['num_images']} images, {result['num_captions']} captions)")
-        keys = list(result["any_caption"])
-        lines.append("  " + f"{'protocol':<12}" + "".join(f"{key:>10}" for key in keys))
-        for protocol in ("any_caption", "one_to_one"):
-            lines.append("  " + f"{protocol:<12}" + "".join(f"{result[protocol][key]:>10.2f}" for key in keys))
-    if "zeroshot" in metrics:
-        result = metrics["zeroshot"]
-        lines.append(f"zeroshot {result['dir']} ({result['num_samples']} samples, {result['num_classes']} classes)")
-        lines.append(f"  top1 {result['top1']:.2f}  top5 {result['top5']:.2f}")
-    return "\n".join(lines)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file next to `path`, then rename it over `path`."""
-    import json
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _positive_int(text: str) -> int:

@@ -7,30 +7,18 @@ Every file is a dict with `state_dict` (the CLIP model, open_clip key names) nex
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipkd_dino.errors import UserError
+from clipkd_dino.files import write_atomic
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through `write_atomic`: a crash never leaves a torn checkpoint."""
+    write_atomic(path, lambda stream: torch.save(payload, stream))
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Path:
@@ -47,8 +35,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as error:  # a truncated or foreign file: say which one
         raise UserError(f"cannot read checkpoint {path}: {error}") from None
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -29,6 +29,10 @@ from tqdm import tqdm
 from clipkd_dino.config import Config, check_values, config_to_dict
 from clipkd_dino.data.pairs import TrainData, check_sources
 from clipkd_dino.errors import ConfigError
+from clipkd_dino.eval.evaluate import evaluate_model
+from clipkd_dino.eval.retrieval import read_retrieval_file
+from clipkd_dino.eval.zeroshot import read_zeroshot_dir
+from clipkd_dino.files import write_json_atomic
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
 from clipkd_dino.models.factory import check_pretrained
 from clipkd_dino.runtime import autocast, resolve_device
@@ -80,6 +84,8 @@ class Trainer:
         )
         self.data = TrainData(config.data, train_transform, self.tokenizer, config.train.batch_size,
                               self.dist.rank, self.dist.world_size, config.train.seed)
+        self.val_retrieval = read_retrieval_file(config.data.val_retrieval) if config.data.val_retrieval else None
+        self.val_zeroshot = read_zeroshot_dir(config.data.val_zeroshot) if config.data.val_zeroshot else None
         self.objective = CLIPObjective(self.model).to(device)
         self.wrapped = (
             DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -132,7 +138,7 @@ class Trainer:
                 "metrics": metrics,
             }
             if self.dist.is_main:
-                (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                write_json_atomic(self.output_dir / "summary.json", summary)
             return summary
         finally:
             if self.writer:
@@ -215,14 +221,11 @@ class Trainer:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def _evaluate(self) -> dict[str, Any]:
-        data = self.config.data
-        if not self.dist.is_main or not (data.val_retrieval or data.val_zeroshot):
+        if not self.dist.is_main or not (self.val_retrieval or self.val_zeroshot):
             return {}
-        from clipkd_dino.eval.evaluate import evaluate_model
-
-        metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=data.val_retrieval,
-                                 zeroshot=data.val_zeroshot, device=self.device,
-                                 precision=self.config.train.precision, num_workers=data.workers)
+        metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=self.val_retrieval,
+                                 zeroshot=self.val_zeroshot, device=self.device,
+                                 precision=self.config.train.precision, num_workers=self.config.data.workers)
         record = {"epoch": self.position.epoch, "step": self.position.step, **metrics}
         with open(self.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
