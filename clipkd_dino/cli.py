@@ -16,6 +16,7 @@ from clipkd_dino.errors import UserError
 COMMAND_MODULES = (
     "clipkd_dino.data.commands",
     "clipkd_dino.concepts.commands",
+    "clipkd_dino.teacher.commands",
     "clipkd_dino.train.commands",
     "clipkd_dino.eval.commands",
     "clipkd_dino.demo",

@@ -68,6 +68,13 @@ def image_size(model: torch.nn.Module) -> int:
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
+def image_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the model's input normalisation (OpenAI's when the model does not say)."""
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return tuple(mean), tuple(std)
+
+
 def image_transforms(model: torch.nn.Module, augment: bool = True, crop_scale: tuple[float, float] = (0.9, 1.0)):
     """(train, eval) transforms for the model's input size and normalisation.
 
@@ -75,8 +82,7 @@ def image_transforms(model: torch.nn.Module, augment: bool = True, crop_scale: t
     Eval: resize the short side, centre crop. Both convert to RGB and normalise with the model's mean/std.
     """
     size = image_size(model)
-    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    mean, std = image_normalisation(model)
     finish = [T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(mean, std)]
     bicubic = T.InterpolationMode.BICUBIC
     eval_tf = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), *finish])

@@ -1,0 +1,286 @@
+"""The labelling pass: nearest-concept search, class means, the embedding cache, views, CLI, torchrun, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipkd_dino.data.views import ViewSpec
+from clipkd_dino.teacher import TeacherCache, load_class_means, load_labels
+from clipkd_dino.teacher.cache import to_numpy, write_manifest, write_unit
+from clipkd_dino.teacher.class_means import ClassSums, dense_classes, renumber
+from clipkd_dino.teacher.search import assign_labels, nearest_concepts
+from conftest import REPO, run_cli, torchrun_cli
+
+TEACHER = REPO / "assets" / "toy_teacher.pt"
+
+
+# ----------------------------------------------------------------------------------------------- search and labels
+def test_nearest_concept_score_margin_ties_and_thresholds():
+    concepts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    s = 1 / math.sqrt(2)
+    images = torch.tensor([[0.8, 0.6], [s, s], [0.0, -1.0], [-0.6, 0.8]])
+    nearest = nearest_concepts(images, concepts)
+    assert nearest.concept.tolist() == [0, 0, 0, 1]  # row 1 is a tie between 0 and 1: the lower index wins
+    assert nearest.score.tolist() == pytest.approx([0.8, s, 0.0, 0.8])
+    # runner-ups: 0.6, s (tie), 0.0 (two concepts at 0), 0.6
+    assert nearest.margin.tolist() == pytest.approx([0.2, 0.0, 0.0, 0.2], abs=1e-6)
+    assert assign_labels(nearest).tolist() == [0, 0, 0, 1]
+    assert assign_labels(nearest, min_score=0.75).tolist() == [0, -1, -1, 1]
+    assert assign_labels(nearest, min_margin=0.1).tolist() == [0, -1, -1, 1]
+    single = nearest_concepts(images[:1], concepts[:1])
+    assert single.margin.item() == pytest.approx(0.8 + 1.0)  # a lone concept's runner-up counts as cosine -1
+
+
+def test_faiss_and_torch_search_give_the_same_labels():
+    pytest.importorskip("faiss")
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(1000, 32, generator=generator), dim=-1)
+    concepts = F.normalize(torch.randn(50, 32, generator=generator), dim=-1)
+    concepts = torch.cat([concepts, concepts[:5]])  # exact duplicates: ties resolved to the lower index by both
+    by_torch = nearest_concepts(images, concepts, "torch", chunk_size=128)
+    by_faiss = nearest_concepts(images, concepts, "faiss")
+    assert torch.equal(by_torch.concept, by_faiss.concept)
+    assert torch.allclose(by_torch.score, by_faiss.score, atol=1e-5)
+    assert torch.allclose(by_torch.margin, by_faiss.margin, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- class means
+def test_class_sums_equal_a_direct_computation_and_min_images_renumbers():
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(40, 6, generator=generator) * 3
+    labels = torch.randint(-1, 5, (40,), generator=generator)
+    labels[labels == 3] = 1  # concept 3 gets no image
+    labels[:2] = 4
+    labels[2:] = torch.where(labels[2:] == 4, torch.tensor(0), labels[2:])  # concept 4: exactly 2 images
+    sums = ClassSums(5, 6)
+    sums.add(embeddings[:17], labels[:17])
+    other = ClassSums(5, 6)
+    other.add(embeddings[17:], labels[17:])
+    sums.merge(other)
+    for concept in range(5):
+        mask = labels == concept
+        assert int(sums.counts[concept]) == int(mask.sum())
+        if mask.any():
+            assert torch.allclose(sums.means()[concept], embeddings[mask].mean(0), atol=1e-6)
+    kept = dense_classes(sums.counts, min_images=3)
+    assert 3 not in kept.tolist() and 4 not in kept.tolist()
+    assert kept.tolist() == sorted(kept.tolist())
+    dense = renumber(labels, kept, 5)
+    for concept, label in zip(labels.tolist(), dense.tolist()):
+        assert label == (kept.tolist().index(concept) if concept in kept.tolist() else -1)
+
+
+def test_kdpp_centre_file_reads_as_class_means(tmp_path):
+    path = tmp_path / "centers.json"
+    path.write_text(json.dumps({"1": [0.0, 2.0], "0": [1.0, 0.5]}))
+    means = load_class_means(path)
+    assert means.image.tolist() == [[1.0, 0.5], [0.0, 2.0]]
+    path.write_text(json.dumps({"0": [1.0], "2": [0.0]}))
+    with pytest.raises(Exception, match="0..C-1"):
+        load_class_means(path)
+
+
+# ----------------------------------------------------------------------------------------------- cache and views
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cache_round_trip(tmp_path, dtype):
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(3, 2, 8, generator=generator)
+    texts = torch.randn(7, 8, generator=generator)
+    write_unit(tmp_path, "u0", ["a", "b", "c"], to_numpy(images, dtype), to_numpy(texts, dtype), [0, 2, 2, 7])
+    write_unit(tmp_path, "u1", ["d"], to_numpy(images[:1] * 2, dtype), to_numpy(texts[:1], dtype), [0, 1])
+    write_manifest(tmp_path, {"dtype": dtype, "views": 2, "units": ["u0", "u1"]})
+    cache = TeacherCache(tmp_path)
+    tolerance = 1e-2 if dtype == "bf16" else 1e-3
+    assert len(cache) == 4 and "d" in cache and "e" not in cache
+    assert torch.allclose(cache.image("c", 1), images[2, 1], rtol=tolerance, atol=tolerance)
+    assert torch.allclose(cache.image("d", 0), images[0, 0] * 2, rtol=tolerance, atol=tolerance)
+    assert cache.texts("b").shape == (0, 8)
+    assert torch.allclose(cache.texts("c"), texts[2:7], rtol=tolerance, atol=tolerance)
+    with pytest.raises(KeyError, match="'e'"):
+        cache.image("e", 0)
+
+
+def test_views_are_a_pure_function_of_seed_key_and_index():
+    spec = ViewSpec(size=32, scale=(0.3, 1.0), hflip=0.5, seed=3)
+    boxes = [spec.box("key-1", k, 64, 48) for k in range(20)]
+    assert boxes == [spec.box("key-1", k, 64, 48) for k in range(20)]
+    assert len(set(boxes)) > 10 and {b.flip for b in boxes} == {True, False}
+    assert boxes != [spec.box("key-2", k, 64, 48) for k in range(20)]
+    assert boxes != [ViewSpec(size=32, scale=(0.3, 1.0), hflip=0.5, seed=4).box("key-1", k, 64, 48)
+                     for k in range(20)]
+    for box in boxes:
+        assert 0 <= box.top and box.top + box.height <= 48 and 0 <= box.left and box.left + box.width <= 64
+        assert 0.3 * 64 * 48 * 0.9 <= box.height * box.width <= 64 * 48
+
+
+# ----------------------------------------------------------------------------------------------- the pass, end to end
+def _kinds_pool(path: Path) -> Path:
+    from clipkd_dino.data.toyworld import KINDS
+
+    path.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": k, "count": 100 - i} for i, k in enumerate(KINDS)]}))
+    return path
+
+
+def _label(toyworld_dir: Path, out: Path, pool: Path, *extra: str, nproc: int = 1):
+    args = ["label", "--teacher", "toy-teacher", "--teacher-pretrained", str(TEACHER), "--concepts", str(pool),
+            "--data", str(toyworld_dir / "train" / "shards"), "--out", str(out),
+            "--templates", str(toyworld_dir / "val" / "zeroshot" / "templates.json"), "--workers", "0",
+            "--batch-size", "40", "--device", "cpu", *extra]
+    result = torchrun_cli(nproc, *args) if nproc > 1 else run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def labelled(toyworld_dir, tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("labelled")
+    pool = _kinds_pool(tmp / "pool.json")
+    out = tmp / "out"
+    _label(toyworld_dir, out, pool, "--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0",
+           "--hflip", "0.5")
+    return out, pool
+
+
+def test_class_means_and_labels_match_plain_open_clip(labelled, toyworld_dir):
+    """Recompute the teacher's eval-view embeddings with plain open_clip: labels, scores and class means agree."""
+    import open_clip
+    from PIL import Image
+
+    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.models import get_tokenizer
+
+    out, _ = labelled
+    labels = load_labels(out)
+    assert len(labels) == 96 and labels.keys[0] == "train-0000000" and labels.keys[-1] == "train-0000095"
+    model, _, preprocess = open_clip.create_model_and_transforms("toy-teacher", pretrained=str(TEACHER))
+    model.eval()
+    images = torch.stack([preprocess(Image.open(toyworld_dir / "train" / "images" / f"{key}.png"))
+                          for key in labels.keys])
+    templates = json.loads((toyworld_dir / "val" / "zeroshot" / "templates.json").read_text())
+    with torch.no_grad():
+        features = model.encode_image(images)
+        tokens = get_tokenizer("toy-teacher")([t.replace("{}", k) for k in KINDS for t in templates])
+        text = F.normalize(model.encode_text(tokens), dim=-1).view(len(KINDS), len(templates), -1)
+    classifier = F.normalize(text.mean(1), dim=-1)
+    scores = F.normalize(features, dim=-1) @ classifier.T
+    nearest = [KINDS[i] for i in scores.argmax(1).tolist()]
+    assert labels.nearest == nearest
+    assert torch.allclose(labels.scores, scores.max(1).values, atol=1e-5)
+    assert labels.class_means.shape == (len(labels.concepts), features.shape[1])
+    for label, name in enumerate(labels.concepts):
+        members = [i for i, n in enumerate(nearest) if n == name]
+        assert len(members) >= 3 and int(labels.counts[label]) == len(members)
+        assert torch.allclose(labels.class_means[label], features[members].mean(0), atol=1e-5)
+        assert (labels.labels[members] == label).all()
+    dropped = [i for i, n in enumerate(nearest) if n not in labels.concepts]
+    assert (labels.labels[dropped] == -1).all()
+    assert labels.text_class_means.shape == labels.class_means.shape
+    assert labels.label_of(["train-0000005", "no-such-key"]).tolist() == [int(labels.labels[5]), -1]
+
+
+def test_replayed_view_gives_the_cached_embedding(labelled, toyworld_dir):
+    import open_clip
+    from PIL import Image
+
+    from clipkd_dino.data.views import view_spec
+    from clipkd_dino.models import get_tokenizer
+
+    out, _ = labelled
+    cache = TeacherCache(out)
+    manifest = cache.manifest
+    assert manifest["views"] == 2 and manifest["teacher"] == "toy-teacher" and len(cache) == 96
+    model = open_clip.create_model("toy-teacher", pretrained=str(TEACHER)).eval()
+    spec = view_spec(model, (0.5, 1.0), 0.5, seed=0)
+    assert spec.describe() == manifest["view_spec"]
+    key = "train-0000007"
+    image = Image.open(toyworld_dir / "train" / "images" / f"{key}.png")
+    with torch.no_grad():
+        replayed = model.encode_image(torch.stack([spec(image, key, k) for k in range(2)]))
+        captions = (toyworld_dir / "train" / "captions.csv").read_text().splitlines()
+        mine = [line.split("\t")[1] for line in captions if f"{key}.png" in line]
+        texts = model.encode_text(get_tokenizer("toy-teacher")(mine))
+    for k in range(2):
+        assert torch.allclose(cache.image(key, k), replayed[k], rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(cache.image(key, 0), cache.image(key, 1), atol=1e-3)
+    assert torch.allclose(cache.texts(key), texts, rtol=2e-3, atol=2e-3)
+
+
+def test_torchrun_two_processes_equal_one(labelled, toyworld_dir, tmp_path):
+    out, pool = labelled
+    two = tmp_path / "two"
+    _label(toyworld_dir, two, pool, "--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0",
+           "--hflip", "0.5", nproc=2)
+    one_labels, two_labels = load_labels(out), load_labels(two)
+    assert one_labels.keys == two_labels.keys
+    assert torch.equal(one_labels.labels, two_labels.labels)
+    assert one_labels.concepts == two_labels.concepts
+    assert torch.allclose(one_labels.class_means, two_labels.class_means, atol=1e-6)
+    assert torch.allclose(one_labels.text_class_means, two_labels.text_class_means, atol=1e-6)
+    assert torch.allclose(TeacherCache(out).image("train-0000050", 1), TeacherCache(two).image("train-0000050", 1))
+
+
+def test_a_killed_pass_resumes_without_redoing_finished_units(labelled, toyworld_dir, tmp_path):
+    import shutil
+
+    out, pool = labelled
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    parts = sorted((copy / "parts").glob("*.safetensors"))
+    assert len(parts) == 3  # three shards
+    (copy / "parts" / parts[1].name).unlink()  # as if killed while the second shard was being labelled
+    (copy / "labels.tsv").unlink()
+    kept_mtime = parts[0].stat().st_mtime_ns
+    _label(toyworld_dir, copy, pool, "--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0",
+           "--hflip", "0.5")
+    assert parts[0].stat().st_mtime_ns == kept_mtime
+    assert (copy / "parts" / parts[1].name).is_file()
+    assert (copy / "labels.tsv").read_text() == (out / "labels.tsv").read_text()
+    # other settings: every unit is redone
+    _label(toyworld_dir, copy, pool, "--cache-views", "2", "--min-margin", "0.05")
+    assert parts[0].stat().st_mtime_ns != kept_mtime
+    relabelled = load_labels(copy)
+    assert (relabelled.labels[relabelled.margins < 0.05] == -1).all()
+    assert (relabelled.labels[relabelled.margins >= 0.05] >= 0).all()
+
+
+def test_stats_report_precision_against_toyworld_truth(labelled):
+    out, _ = labelled
+    result = run_cli("label", "stats", str(out))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    truth = stats["ground_truth"]
+    assert truth["images"] == 96
+    labels = load_labels(out)
+    single = [i for i, t in enumerate(labels.truth) if "," not in t]
+    right = sum(labels.nearest[i] == labels.truth[i] for i in single)
+    assert truth["precision_nearest_single_object"] == pytest.approx(100 * right / len(single), abs=0.01)
+    curve = truth["precision_vs_coverage"]
+    assert [p["coverage"] for p in curve][-1] == 1.0 and curve[-1]["precision"] == truth["precision_nearest_all"]
+    assert (out / "stats.png").stat().st_size > 10_000
+    assert "against ground truth" in result.stdout
+
+
+def test_csv_source_groups_captions_by_image(toyworld_dir, tmp_path):
+    pool = _kinds_pool(tmp_path / "pool.json")
+    _label(toyworld_dir, tmp_path / "csv", pool, "--cache-views", "1", "--data",
+           str(toyworld_dir / "train" / "captions.csv"))
+    labels = load_labels(tmp_path / "csv")
+    assert len(labels) == 96 and labels.keys[0] == "images/train-0000000.png"
+    cache = TeacherCache(tmp_path / "csv")
+    assert cache.texts("images/train-0000000.png").shape[0] == 5
+
+
+def test_bad_arguments_fail_in_one_line(toyworld_dir, tmp_path):
+    result = run_cli("label", "--teacher", "toy-teacher", "--concepts", str(tmp_path / "missing.json"),
+                     "--data", str(toyworld_dir / "train" / "shards"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "missing.json" in result.stderr and len(result.stderr.splitlines()) == 1
+    result = run_cli("label", "--teacher", "toy-teacher")
+    assert result.returncode == 2 and "--concepts is required" in result.stderr
