@@ -1,5 +1,7 @@
-"""Loss functions: small, pure, shapes in the docstrings."""
+"""Loss functions: small, pure, shapes in the docstrings. Definitions and choices: docs/losses.md."""
 
-from clipkd_dino.losses.clip import clip_contrastive_loss
+from clipkd_dino.losses.clip import clip_loss
+from clipkd_dino.losses.clipkd import afd_loss, crd_loss, fd_loss, gd_loss, icl_loss
+from clipkd_dino.losses.dino import dino_loss
 
-__all__ = ["clip_contrastive_loss"]
+__all__ = ["afd_loss", "clip_loss", "crd_loss", "dino_loss", "fd_loss", "gd_loss", "icl_loss"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.losses import clip_contrastive_loss
+from clipkd_dino.losses import clip_loss
 from clipkd_dino.train.distributed import all_gather_with_grad
 
 MAX_LOGIT_SCALE = 100.0
@@ -27,5 +27,5 @@ class CLIPObjective(nn.Module):
         image_features = F.normalize(self.model.encode_image(images), dim=-1)
         text_features = F.normalize(self.model.encode_text(texts), dim=-1)
         scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        loss = clip_contrastive_loss(all_gather_with_grad(image_features), all_gather_with_grad(text_features), scale)
+        loss = clip_loss(all_gather_with_grad(image_features), all_gather_with_grad(text_features), scale)
         return {"loss_task": loss}
