@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,38 @@ def torchrun_cli(nproc: int, *args: str, timeout: float = 300) -> subprocess.Com
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "clipkd_dino.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int,
+                                          total_steps: int) -> None:
+    """Train CONFIG uninterrupted; train it again, SIGKILL it once latest.pt has passed `kill_after_step`, resume
+    with `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's."""
+    import torch
+    import yaml
+
+    run_dir = Path(yaml.safe_load(config.read_text())["train"]["output_dir"])
+    reference = run_cli("train", str(config), f"train.output_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    latest = run_dir / "checkpoints" / "latest.pt"
+    process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", "train", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if latest.exists() and torch.load(latest, weights_only=True)["step"] >= kill_after_step:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(latest, weights_only=True)
+    assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
+
+    resumed = run_cli("train", str(config), "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == total_steps and killed_at["step"] + 1 in steps
+    epochs = yaml.safe_load(config.read_text())["train"]["epochs"]
+    final = torch.load(run_dir / "checkpoints" / f"epoch_{epochs}.pt", weights_only=True)["state_dict"]
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / f"epoch_{epochs}.pt",
+                          weights_only=True)["state_dict"]
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, msg=name)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import yaml
 
 from clipkd_dino.losses import clip_loss
 from clipkd_dino.train.optim import build_optimizer, warmup_cosine_factor
-from conftest import REPO, run_cli, torchrun_cli
+from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli, torchrun_cli
 
 
 def write_config(tmp_path: Path, toyworld_dir: Path, **sections) -> Path:
@@ -93,31 +91,7 @@ def test_two_process_run_matches_one_process_with_same_global_batch(tmp_path, to
 
 def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_dir):
     config = write_config(tmp_path, toyworld_dir, train={"epochs": 2, "checkpoint_every_steps": 3})
-    reference = run_cli("train", str(config), f"train.output_dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-
-    run_dir = tmp_path / "run"
-    latest = run_dir / "checkpoints" / "latest.pt"
-    process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", "train", str(config)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if latest.exists() and torch.load(latest, weights_only=True)["step"] >= 6:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(latest, weights_only=True)
-    assert 0 < killed_at["step"] < 60, "the run must be killed mid-way"
-
-    resumed = run_cli("train", str(config), "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [record["step"] for record in read_log(run_dir)]
-    assert steps[-1] == 60 and killed_at["step"] + 1 in steps
-    final = torch.load(run_dir / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
-    expected = torch.load(tmp_path / "reference" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
-    for name, tensor in expected.items():
-        torch.testing.assert_close(final[name], tensor, msg=name)
+    kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=6, total_steps=60)
 
 
 def test_checkpoint_loads_with_plain_open_clip(tmp_path, toyworld_dir):

@@ -241,6 +241,7 @@ class LabelPass:
             "teacher": settings.teacher,
             "teacher_checkpoint": str(settings.teacher_pretrained) if settings.teacher_pretrained else None,
             "teacher_sha256": sha256_file(settings.teacher_pretrained) if settings.teacher_pretrained else None,
+            "teacher_logit_scale": float(self.teacher.logit_scale.exp()),
             "pool": str(settings.concepts),
             "pool_sha256": sha256_file(settings.concepts),
             "templates": self.templates,
@@ -378,7 +379,8 @@ class LabelPass:
             cache_files.write_manifest(cache_dir, {
                 "format": "clipkd-teacher-cache", "version": 1, "views": self.settings.cache_views,
                 "dtype": self.settings.cache_dtype, "dim": self.dim, "units": [u.name for u in self.units],
-                **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256", "view_spec")},
+                **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256", "teacher_logit_scale",
+                                                    "view_spec")},
                 "seed": self.settings.seed, "num_samples": num_samples,
             })
         summary = {

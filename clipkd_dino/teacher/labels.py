@@ -39,11 +39,18 @@ class Labels:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def label_of(self, keys: list[str]) -> torch.Tensor:
-        """The labels of `keys` [B] (-1 for a key that was not labelled, e.g. a sample skipped as unreadable)."""
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows()
+
+    def _rows(self) -> dict[str, int]:
         if not self._index:
             self._index = {key: row for row, key in enumerate(self.keys)}
-        rows = torch.tensor([self._index.get(key, -1) for key in keys], dtype=torch.long)
+        return self._index
+
+    def label_of(self, keys: list[str]) -> torch.Tensor:
+        """The labels of `keys` [B] (-1 for a key that was not labelled, e.g. a sample skipped as unreadable)."""
+        index = self._rows()
+        rows = torch.tensor([index.get(key, -1) for key in keys], dtype=torch.long)
         padded = torch.cat([self.labels, torch.tensor([-1])])
         return padded[rows]  # row -1 reads the padding
 

@@ -18,14 +18,17 @@ MAX_LOGIT_SCALE = 100.0
 class CLIPObjective(nn.Module):
     """Plain CLIP training: the symmetric InfoNCE loss over the global (all-gathered) batch."""
 
+    views = None  # the model's own random transform (a distiller from a cache replays the cached views)
+    num_views = 0
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images [B, 3, H, W], texts [B, L] token ids -> {"loss_task": scalar}."""
-        image_features = F.normalize(self.model.encode_image(images), dim=-1)
-        text_features = F.normalize(self.model.encode_text(texts), dim=-1)
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: images [B, 3, H, W], texts [B, L] token ids -> {"loss_task": scalar}."""
+        image_features = F.normalize(self.model.encode_image(batch["images"]), dim=-1)
+        text_features = F.normalize(self.model.encode_text(batch["texts"]), dim=-1)
         scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         loss = clip_loss(all_gather_with_grad(image_features), all_gather_with_grad(text_features), scale)
         return {"loss_task": loss}

@@ -27,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkd_dino.config import Config, check_values, config_to_dict
-from clipkd_dino.data.pairs import TrainData, check_sources
+from clipkd_dino.data.pairs import PairImages, TrainData, check_sources
+from clipkd_dino.distill import build_objective, check_distill
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.eval.evaluate import evaluate_model
 from clipkd_dino.eval.retrieval import read_retrieval_file
@@ -38,7 +39,7 @@ from clipkd_dino.models.factory import check_pretrained
 from clipkd_dino.runtime import autocast, resolve_device
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume, save_atomic
 from clipkd_dino.train.distributed import DistInfo, global_min, init_distributed, shutdown_distributed
-from clipkd_dino.train.objectives import MAX_LOGIT_SCALE, CLIPObjective
+from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
 
 
@@ -61,6 +62,7 @@ def check_inputs(config: Config) -> None:
         raise ConfigError(f"config key 'data.val_retrieval': file not found: {config.data.val_retrieval}")
     if config.data.val_zeroshot and not Path(config.data.val_zeroshot).is_dir():
         raise ConfigError(f"config key 'data.val_zeroshot': folder not found: {config.data.val_zeroshot}")
+    check_distill(config)
 
 
 class Trainer:
@@ -82,11 +84,12 @@ class Trainer:
         train_transform, self.eval_transform = image_transforms(
             self.model, config.data.augment, tuple(config.data.crop_scale)
         )
-        self.data = TrainData(config.data, train_transform, self.tokenizer, config.train.batch_size,
+        self.objective = build_objective(config, self.model, device)
+        images = PairImages(train_transform, self.objective.views, self.objective.num_views)
+        self.data = TrainData(config.data, images, self.tokenizer, config.train.batch_size,
                               self.dist.rank, self.dist.world_size, config.train.seed)
         self.val_retrieval = read_retrieval_file(config.data.val_retrieval) if config.data.val_retrieval else None
         self.val_zeroshot = read_zeroshot_dir(config.data.val_zeroshot) if config.data.val_zeroshot else None
-        self.objective = CLIPObjective(self.model).to(device)
         self.wrapped = (
             DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None)
             if self.dist.enabled else self.objective
@@ -183,12 +186,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch's end
 
     def _forward_backward(self, batch: dict, sync: bool) -> dict[str, float]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        texts = batch["texts"].to(self.device, non_blocking=True)
+        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
         no_sync = self.wrapped.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
         with no_sync():
             with autocast(self.device, self.config.train.precision):
-                named = self.wrapped(images, texts)
+                named = self.wrapped(batch)
             loss = sum(named.values())
             self.scaler.scale(loss / self.config.optim.accum_steps).backward()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
@@ -254,6 +257,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "skipped": dict(self.skipped),
+                "rng": torch.get_rng_state(),  # dropout (e.g. a dino projector's) continues as if never stopped
             }
         save_atomic(payload, path)
 
@@ -268,6 +272,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped.update(state["skipped"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
 
 

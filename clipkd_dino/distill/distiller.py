@@ -1,0 +1,151 @@
+"""The CLIP distiller: student + projectors + learnable scales, a frozen teacher (online or cached), named losses.
+
+`forward(batch)` returns {"loss_task", "loss_crd", "loss_icl", "loss_fd", "loss_mfd", "loss_gd", "loss_afd",
+"loss_dino", "loss_dino_text"}, each already weighted, only those with a weight > 0; the trainer sums and logs them.
+
+- Contrastive terms (task, CRD, ICL, GD, AFD) use the global batch (all-gathered with exact gradients); FD, MFD and
+  the dino-loss are per-sample means over the local batch.
+- When the student's embedding dim differs from the teacher's, `Linear(d_s, d_t)` projectors map the student's
+  image and text features before FD, MFD, ICL and GD (CLIP-KD), and a separate BatchNorm1d -> Dropout(0.5) ->
+  Linear projector feeds each dino-loss (KD++); AFD fuses [student; teacher] with Linear(d_s + d_t, d_t).
+- ICL's scale is learnable: exp of a parameter initialised at ln(icl_init_scale), clamped to 100 like the logit
+  scale (the public CLIP-KD code uses the raw parameter as a multiplier).
+- MFD really masks: a second forward of the student's image tower with `mask_ratio` of its patch tokens dropped
+  (open_clip's PatchDropout), compared with the teacher's features of the full image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipkd_dino.config import DistillConfig
+from clipkd_dino.errors import ConfigError
+from clipkd_dino.losses import afd_loss, clip_loss, crd_loss, dino_loss, fd_loss, gd_loss, icl_loss
+from clipkd_dino.train.distributed import all_gather_with_grad
+from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
+
+FD_REFERENCE_DIM = 512
+FD_REFERENCE_WEIGHT = 2000.0
+
+
+def fd_weight(configured: float | None, dim: int) -> float:
+    """FD's weight: as configured, else the recipe's 2000 scaled from D = 512 to `dim` (FD is an element mean)."""
+    return configured if configured is not None else FD_REFERENCE_WEIGHT * dim / FD_REFERENCE_DIM
+
+
+def _projector(d_in: int, d_out: int) -> nn.Module:
+    return nn.Linear(d_in, d_out) if d_in != d_out else nn.Identity()
+
+
+def _dino_projector(d_in: int, d_out: int) -> nn.Module:
+    if d_in == d_out:
+        return nn.Identity()
+    return nn.Sequential(nn.BatchNorm1d(d_in), nn.Dropout(0.5), nn.Linear(d_in, d_out))
+
+
+class CLIPDistiller(nn.Module):
+    """Owns the student (`model`) and every learnable extra; reads the teacher through `teacher.features(batch)`."""
+
+    def __init__(self, model: nn.Module, teacher, config: DistillConfig, student_dim: int,
+                 class_means: torch.Tensor | None = None, text_class_means: torch.Tensor | None = None,
+                 labels=None) -> None:
+        super().__init__()
+        self.model, self.teacher, self.config, self.labels = model, teacher, config, labels
+        self.views, self.num_views = teacher.views, teacher.num_views
+        self._keys_checked = False
+        weights = config.weights
+        d_s, d_t = student_dim, teacher.dim
+        self.weights = {"task": weights.task, "crd": weights.crd, "icl": weights.icl,
+                        "fd": fd_weight(weights.fd, d_t), "mfd": weights.mfd, "gd": weights.gd, "afd": weights.afd,
+                        "dino": weights.dino, "dino_text": weights.dino_text}
+        self.project_image, self.project_text = _projector(d_s, d_t), _projector(d_s, d_t)
+        if weights.icl:
+            self.icl_log_scale = nn.Parameter(torch.tensor(math.log(config.icl_init_scale)))
+        if weights.afd:
+            self.fuse_image, self.fuse_text = nn.Linear(d_s + d_t, d_t), nn.Linear(d_s + d_t, d_t)
+        if weights.mfd and not hasattr(model.visual, "patch_dropout"):
+            raise ConfigError("config key 'distill.weights.mfd': MFD masks patch tokens and needs a ViT student")
+        for side, means in (("dino", class_means), ("dino_text", text_class_means)):
+            if self.weights[side]:
+                if means is None or labels is None:
+                    raise ConfigError(f"config key 'distill.weights.{side}' needs 'distill.labels' (the output "
+                                      f"folder of `clipkd label`{' with caption class means' if means is None else ''})")
+                if means.shape[1] != d_t:
+                    raise ConfigError(f"distill.labels: class means have dim {means.shape[1]}, the teacher {d_t}")
+                self.register_buffer(f"{side}_means", means.float(), persistent=False)
+                setattr(self, f"{side}_projector", _dino_projector(d_s, d_t))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: images [B, 3, H, W], texts [B, L], keys [B], view [B], caption_index [B] -> named losses."""
+        w = self.weights
+        s_image = self.model.encode_image(batch["images"])
+        s_text = self.model.encode_text(batch["texts"])
+        t_image, t_text = self.teacher.features(batch)
+        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        gather = all_gather_with_grad
+        losses: dict[str, torch.Tensor] = {}
+        g_image, g_text = gather(F.normalize(s_image, dim=-1)), gather(F.normalize(s_text, dim=-1))
+        gt_image, gt_text = gather(t_image), gather(t_text)
+        if w["task"]:
+            losses["loss_task"] = w["task"] * clip_loss(g_image, g_text, scale)
+        if w["crd"]:
+            losses["loss_crd"] = w["crd"] * crd_loss(g_image, g_text, gt_image, gt_text, scale,
+                                                     self.teacher.logit_scale)
+        p_image, p_text = self.project_image(s_image), self.project_text(s_text)
+        if w["fd"]:
+            losses["loss_fd"] = w["fd"] * fd_loss(p_image, p_text, t_image, t_text)
+        if w["mfd"]:
+            with self._masked_patches():
+                masked = self.project_image(self.model.encode_image(batch["images"]))
+            losses["loss_mfd"] = w["mfd"] * fd_loss(masked, p_text, t_image, t_text)
+        if w["icl"] or w["gd"]:
+            gp_image, gp_text = gather(p_image), gather(p_text)
+            if w["icl"]:
+                icl_scale = self.icl_log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+                losses["loss_icl"] = w["icl"] * icl_loss(gp_image, gp_text, gt_image, gt_text, icl_scale)
+            if w["gd"]:
+                losses["loss_gd"] = w["gd"] * gd_loss(gp_image, gp_text, gt_image, gt_text, scale,
+                                                      self.teacher.logit_scale)
+        if w["afd"]:
+            losses["loss_afd"] = w["afd"] * afd_loss(g_image, g_text, gt_image, gt_text, self.fuse_image,
+                                                     self.fuse_text, scale)
+        if w["dino"] or w["dino_text"]:
+            labels = self._labels_of(batch["keys"]).to(s_image.device)
+            options = {"teacher_norm_scale": self.config.dino_m, "p": self.config.dino_p,
+                       "reduction": self.config.dino_reduction}
+            if w["dino"]:
+                losses["loss_dino"] = w["dino"] * dino_loss(self.dino_projector(s_image), t_image, self.dino_means,
+                                                            labels, **options)
+            if w["dino_text"]:
+                losses["loss_dino_text"] = w["dino_text"] * dino_loss(
+                    self.dino_text_projector(s_text), t_text, self.dino_text_means, labels, **options)
+        return losses
+
+    def _labels_of(self, keys: list[str]) -> torch.Tensor:
+        """Pseudo-labels by sample key; a first batch with no key in the labels is a mix-up of data sources."""
+        labels = self.labels.label_of(keys)
+        if not self._keys_checked and keys:
+            if not any(key in self.labels for key in keys):
+                raise ConfigError(f"config key 'distill.labels': no sample of the first batch is labelled (e.g. "
+                                  f"{keys[0]!r}; the labels have keys like {self.labels.keys[0]!r}): label the "
+                                  "same data source as data.train")
+            self._keys_checked = True
+        return labels
+
+    @contextlib.contextmanager
+    def _masked_patches(self) -> Iterator[None]:
+        from open_clip.transformer import PatchDropout
+
+        visual = self.model.visual
+        original = visual.patch_dropout
+        visual.patch_dropout = PatchDropout(self.config.mask_ratio)
+        try:
+            yield
+        finally:
+            visual.patch_dropout = original

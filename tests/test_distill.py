@@ -1,0 +1,141 @@
+"""Distillation: online and cached teachers agree, every named loss runs, MFD masks, training resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli
+
+TEACHER = REPO / "assets" / "toy_teacher.pt"
+
+
+@pytest.fixture(scope="module")
+def label_dir(toyworld_dir, tmp_path_factory) -> Path:
+    """The labelling pass over the toy train CSV: labels, class means and a 2-view cache."""
+    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
+
+    tmp = tmp_path_factory.mktemp("distill_labels")
+    pool = tmp / "pool.json"
+    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
+    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
+                                data=str(toyworld_dir / "train" / "captions.csv"), out=str(tmp / "labels"),
+                                templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json"),
+                                cache_views=2, workers=0, device="cpu", batch_size=48))
+    return tmp / "labels"
+
+
+def distill_config(tmp_path: Path, toyworld_dir: Path, label_dir: Path, cached: bool, **weights) -> Path:
+    config = {
+        "model": {"name": "toy-student"},
+        "data": {"train": str(toyworld_dir / "train" / "captions.csv"), "workers": 0},
+        "optim": {"warmup_steps": 2, "lr": 1e-3},
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                  "log_every_steps": 1, "eval_every_epochs": 0},
+        "distill": {"teacher": "toy-teacher", "labels": str(label_dir),
+                    **({"cache": str(label_dir)} if cached else {"teacher_pretrained": str(TEACHER)}),
+                    **({"weights": weights} if weights else {})},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _distiller_and_batch(tmp_path, toyworld_dir, label_dir, **weights):
+    from clipkd_dino.config import load_config
+    from clipkd_dino.data.pairs import PairImages, TrainData
+    from clipkd_dino.distill import build_objective
+    from clipkd_dino.models import create_model, get_tokenizer
+
+    torch.manual_seed(0)
+    config = load_config(distill_config(tmp_path, toyworld_dir, label_dir, True, **weights))
+    student = create_model("toy-student")
+    distiller = build_objective(config, student, torch.device("cpu"))
+    images = PairImages(None, distiller.views, distiller.num_views)
+    data = TrainData(config.data, images, get_tokenizer("toy-student"), batch_size=24, seed=1)
+    return config, distiller, next(iter(data.epoch_batches(0)))
+
+
+def test_online_and_cached_teacher_give_the_same_losses_on_the_same_views(tmp_path, toyworld_dir, label_dir):
+    from clipkd_dino.distill.teachers import OnlineTeacher
+
+    _, distiller, batch = _distiller_and_batch(tmp_path, toyworld_dir, label_dir, mfd=0.0)
+    assert set(batch["view"].tolist()) <= {0, 1} and len(set(batch["view"].tolist())) == 2
+    distiller.eval()  # the dino projector's dropout off: both passes see the same student
+    with torch.no_grad():
+        cached = distiller(batch)
+        t_cached = distiller.teacher.features(batch)
+        distiller.teacher = OnlineTeacher("toy-teacher", str(TEACHER), "fp32", torch.device("cpu"))
+        online = distiller(batch)
+        t_online = distiller.teacher.features(batch)
+    torch.testing.assert_close(t_cached[0], t_online[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(t_cached[1], t_online[1], rtol=2e-3, atol=2e-3)
+    assert set(cached) == {"loss_task", "loss_crd", "loss_icl", "loss_fd", "loss_dino"}
+    for name in cached:
+        torch.testing.assert_close(cached[name], online[name], rtol=5e-3, atol=1e-4, msg=name)
+
+
+def test_every_loss_runs_with_differing_dims_and_mfd_really_masks(tmp_path, toyworld_dir, label_dir):
+    _, distiller, batch = _distiller_and_batch(tmp_path, toyworld_dir, label_dir, fd=1.0, mfd=1.0, gd=1.0, afd=1.0,
+                                               dino_text=1.0)
+    tokens_seen = []
+    hook = distiller.model.visual.transformer.register_forward_pre_hook(
+        lambda module, args: tokens_seen.append(args[0].shape[1]))
+    losses = distiller(batch)
+    hook.remove()
+    assert set(losses) == {"loss_task", "loss_crd", "loss_icl", "loss_fd", "loss_mfd", "loss_gd", "loss_afd",
+                           "loss_dino", "loss_dino_text"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert tokens_seen == [1 + 36, 1 + 9]  # class token + 6x6 patches, then a quarter of the patches (MFD)
+    assert losses["loss_mfd"] != losses["loss_fd"]  # the masked forward is used, not discarded
+    sum(losses.values()).backward()
+    for name in ("project_image.weight", "icl_log_scale", "fuse_image.weight", "dino_projector.2.weight",
+                 "dino_text_projector.2.weight"):
+        grad = dict(distiller.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert not any(name.startswith("teacher") for name, _ in distiller.named_parameters())
+
+
+def test_fd_weight_scales_with_the_embedding_dim(tmp_path, toyworld_dir, label_dir):
+    _, distiller, _ = _distiller_and_batch(tmp_path, toyworld_dir, label_dir)
+    assert distiller.weights["fd"] == pytest.approx(2000 * 96 / 512)
+
+
+def test_cached_distillation_trains_logs_each_loss_and_resumes_to_the_same_weights(tmp_path, toyworld_dir,
+                                                                                      label_dir):
+    config = distill_config(tmp_path, toyworld_dir, label_dir, True)
+    config.write_text(config.read_text().replace("epochs: 1", "epochs: 2").replace("batch_size: 16", "batch_size: 32")
+                      .replace("log_every_steps: 1", "log_every_steps: 1\n  checkpoint_every_steps: 2"))
+    kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=4, total_steps=30)  # 480 rows / 32 x 2
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss_task", "loss_crd", "loss_icl", "loss_fd", "loss_dino"} <= set(record)
+    latest = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
+    assert {"project_image.weight", "icl_log_scale", "dino_projector.2.weight"} <= set(latest["objective"])
+    student = torch.load(tmp_path / "run" / "checkpoints" / "epoch_2.pt", weights_only=True)["state_dict"]
+    assert not any(k.startswith(("project", "dino", "icl")) for k in student)
+
+
+def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
+    config = distill_config(tmp_path, toyworld_dir, label_dir, False)
+    result = run_cli("train", str(config), "distill.teacher_precision=bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["loss_dino"] > 0 and record["loss_crd"] >= 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("distill.cache=/nonexistent", "config key 'distill.cache': no teacher cache in /nonexistent"),
+    ("distill.labels=/nonexistent", "labels.tsv not found in /nonexistent"),
+    ("distill.weights.dino=-1", "config key 'distill.weights.dino' must be >= 0"),
+    ("distill.dino_reduction=batch", "config key 'distill.dino_reduction' must be one of"),
+    ("distill.weights.fdd=1", "unknown config key 'distill.weights.fdd'"),
+])
+def test_distill_config_errors_exit_2_with_one_line(tmp_path, toyworld_dir, label_dir, override, message):
+    result = run_cli("train", str(distill_config(tmp_path, toyworld_dir, label_dir, True)), override)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
