@@ -1,4 +1,4 @@
-"""Caption sources and cleaning (no spaCy): every format, digests, brace patterns and bad input."""
+"""Caption sources and cleaning (no spaCy): every format, digests, the training data syntax and bad input."""
 
 from __future__ import annotations
 
@@ -92,6 +92,26 @@ def test_webdataset_shards_through_a_brace_pattern(tmp_path):
     problems: Counter = Counter()
     assert [c for s in sources for c in read_captions(s, ReaderOptions(), problems)] == CAPTIONS
     assert sources[0].sha256 == hashlib.sha256((tmp_path / "shard-000.tar").read_bytes()).hexdigest()
+
+
+def test_training_data_syntax_folder_and_joined_sets(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        write_shard(shards / f"s-{i}.tar", [caption])
+    (shards / "sizes.json").write_text("{}")
+    (tmp_path / "more.txt").write_text("a cat\n")
+    assert [s.path.name for s in expand_sources([str(shards)])] == ["s-0.tar", "s-1.tar", "s-2.tar"]
+    joined = expand_sources([f"{shards}/s-{{0..1}}.tar::{tmp_path / 'more.txt'}::{shards}"])
+    assert [s.path.name for s in joined] == ["s-0.tar", "s-1.tar", "more.txt", "s-0.tar", "s-1.tar", "s-2.tar"]
+    assert [s.format for s in joined[1:3]] == ["webdataset", "text"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no \\*.tar shards in .*empty"):
+        expand_sources([str(tmp_path / "empty")])
+
+
+def test_shard_text_member_holds_one_caption_a_line(tmp_path):
+    assert read_all(write_shard(tmp_path / "s.tar", ["a dog\na cat\n", ""]))[0] == ["a dog", "a cat", ""]
 
 
 def test_truncated_shard_is_counted_not_fatal(tmp_path):

@@ -1,7 +1,8 @@
 """Streaming pool builder: read and clean captions, parse each distinct caption once, count concept mentions.
 
-Memory holds the counts (one entry per concept, adjective and adjective-concept pair), a few example captions per
-entry and a bounded cache of parsed captions: it grows with the vocabulary, not with the corpus.
+Memory holds the counts (one entry per concept, adjective, adjective-concept pair, -ing/-s form and deferred noun
+run), a few example captions per entry and a bounded cache of parsed captions: it grows with the vocabulary, not
+with the corpus.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipkd_dino.concepts.clean import CaptionCleaner
-from clipkd_dino.concepts.parser import AnalyzerSpec, Parsed, model_info, resolve_model
+from clipkd_dino.concepts.parser import (VERB_ENDINGS, AnalyzerSpec, Extractor, Parsed, Run, Tok, Use, model_info,
+                                         resolve_model)
 from clipkd_dino.concepts.pool import Collocation, ConceptPool, finalise
 from clipkd_dino.concepts.sources import ReaderOptions, Source, expand_sources, read_captions
 
@@ -28,7 +30,8 @@ STORED_EXAMPLES = 6  # kept per concept while counting; the pool shows the first
 
 @dataclass
 class Tally:
-    """Raw counts from a stream of parsed captions; two tallies add up exactly (`update`)."""
+    """Raw counts from a stream of parsed captions; two tallies add up exactly (`update`). Runs that may hold a verb
+    read as a noun wait in `deferred` until `resolve` (the corpus decides which forms are verbs)."""
 
     pair_example_min: int = 10
     captions: int = 0
@@ -39,34 +42,78 @@ class Tally:
     pairs: Counter[tuple[str, str]] = field(default_factory=Counter)
     pair_examples: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     stopped: Counter[str] = field(default_factory=Counter)
+    verbs: Counter[Use] = field(default_factory=Counter)
+    nouns: Counter[Use] = field(default_factory=Counter)
+    deferred: Counter[Run] = field(default_factory=Counter)
+    deferred_examples: dict[Run, list[str]] = field(default_factory=dict)
 
     def add(self, parsed: Parsed, text: str) -> None:
         """Count one caption; examples keep the adjective that preceded the mention (for collocations)."""
         self.captions += 1
         self.tokens += parsed.tokens
         for adjective, concept in parsed.mentions:
-            self.counts[concept] += 1
-            stored = self.examples.setdefault(concept, [])
+            self._count(adjective, concept, 1, (text,))
+        for run in parsed.deferred:
+            self.deferred[run] += 1
+            stored = self.deferred_examples.setdefault(run, [])
+            if len(stored) < STORED_EXAMPLES and text not in stored:
+                stored.append(text)
+        for mine, theirs in ((self.adjectives, parsed.adjectives), (self.stopped, parsed.stopped),
+                             (self.verbs, parsed.verbs), (self.nouns, parsed.nouns)):
+            mine.update(theirs)
+
+    def resolve(self, extract: Extractor) -> None:
+        """Count the deferred runs (`Extractor.split`) once the whole corpus is read. A word after the first of a
+        run is a verb when the tagger read its form as a verb in more than half of the form's uses ("grazing"), or,
+        for an -s form, the forms of the verb it would be one of ("grazes" is always read as a plural, but "graze",
+        "grazes" and "grazing" mostly as verbs). An -ing form is a word of its own ("building", "icing"): only its
+        own uses count."""
+        as_verb: Counter[Use] = Counter()  # keyed by ("form", word form) and ("verb", lemma of the verb)
+        as_noun: Counter[Use] = Counter()
+        for uses, counter in ((self.verbs, as_verb), (self.nouns, as_noun)):
+            for (form, verb), n in uses.items():
+                counter["form", form] += n
+                counter["verb", verb] += n
+
+        def is_verb(tok: Tok) -> bool:
+            keys = [("form", tok.lower)] + [("verb", tok.verb)] * tok.lower.endswith("s")
+            return tok.lower.endswith(VERB_ENDINGS) and any(as_verb[key] > as_noun[key] for key in keys)
+
+        verbs = frozenset(tok for _, run in self.deferred for tok in run[1:] if is_verb(tok))
+        for (adjective, run), n in self.deferred.items():
+            mentions, stopped = extract.split(adjective, run, verbs)
+            for mention_adjective, concept in mentions:
+                self._count(mention_adjective, concept, n, self.deferred_examples[adjective, run])
+            for entry in stopped:
+                self.stopped[entry] += n
+        self.deferred.clear()
+        self.deferred_examples.clear()
+
+    def _count(self, adjective: str, concept: str, n: int, texts: Iterable[str]) -> None:
+        self.counts[concept] += n
+        stored = self.examples.setdefault(concept, [])
+        for text in texts:
             if len(stored) < STORED_EXAMPLES and all(text != seen for seen, _ in stored):
                 stored.append((text, adjective))
-            if adjective:
-                key = (adjective, concept)
-                self.pairs[key] += 1
-                if self.pairs[key] >= self.pair_example_min:
-                    pair_stored = self.pair_examples.setdefault(key, [])
+        if adjective:
+            key = (adjective, concept)
+            self.pairs[key] += n
+            if self.pairs[key] >= self.pair_example_min:
+                pair_stored = self.pair_examples.setdefault(key, [])
+                for text in texts:
                     if len(pair_stored) < STORED_EXAMPLES and text not in pair_stored:
                         pair_stored.append(text)
-        self.adjectives.update(parsed.adjectives)
-        self.stopped.update(parsed.stopped)
 
     def update(self, other: Tally) -> None:
         """Add another tally (e.g. from another shard)."""
         self.captions += other.captions
         self.tokens += other.tokens
         for mine, theirs in ((self.counts, other.counts), (self.adjectives, other.adjectives),
-                             (self.pairs, other.pairs), (self.stopped, other.stopped)):
+                             (self.pairs, other.pairs), (self.stopped, other.stopped), (self.verbs, other.verbs),
+                             (self.nouns, other.nouns), (self.deferred, other.deferred)):
             mine.update(theirs)
-        for mine, theirs in ((self.examples, other.examples), (self.pair_examples, other.pair_examples)):
+        for mine, theirs in ((self.examples, other.examples), (self.pair_examples, other.pair_examples),
+                             (self.deferred_examples, other.deferred_examples)):
             for key, items in theirs.items():
                 stored = mine.setdefault(key, [])
                 stored.extend(item for item in items if item not in stored)
@@ -176,6 +223,7 @@ class BuildOptions:
     stoplist: Path | None = None
     aliases: Path | None = None
     nouns: Path | None = None
+    adjectives: Path | None = None
     reader: ReaderOptions = ReaderOptions()
     model: str | None = None
     pipeline: str = "fast"
@@ -198,10 +246,10 @@ def build_pool(patterns: Sequence[str], options: BuildOptions) -> ConceptPool:
     from clipkd_dino.concepts.lexicon import Lexicon
 
     sources = expand_sources(patterns)
-    lexicon = Lexicon.load(options.stoplist, options.aliases, options.nouns)
+    lexicon = Lexicon.load(options.stoplist, options.aliases, options.nouns, options.adjectives)
     model = resolve_model(options.model)
     spec = AnalyzerSpec(model, options.pipeline, options.batch_size, options.phrases, options.max_words,
-                        options.stoplist, options.aliases, options.nouns, options.numpy_blas)
+                        options.stoplist, options.aliases, options.nouns, options.adjectives, options.numpy_blas)
     problems: Counter[str] = Counter()
     tally = Tally(pair_example_min=options.collocation.min_count)
     with _progress(options.progress) as bar:
@@ -214,6 +262,7 @@ def build_pool(patterns: Sequence[str], options: BuildOptions) -> ConceptPool:
             stream.finish()
         finally:
             stream.shutdown()
+    tally.resolve(Extractor(lexicon, options.phrases, options.max_words))
     seconds = time.perf_counter() - started
     run = {"seconds": round(seconds, 2), "captions_per_second": round(tally.captions / max(seconds, 1e-9), 1),
            "distinct_parsed": stream.parsed, "pipeline": options.pipeline, "workers": options.workers,

@@ -28,9 +28,11 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "build", help="count concepts over caption files and write a pool file",
         description="Count concepts over caption sources: .txt (one caption a line), .csv/.tsv, COCO captions "
-                    ".json, .jsonl, webdataset .tar shards (their .txt members), brace patterns "
-                    "(shard-{000..009}.tar). Skipped and repaired captions are counted per reason.")
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="caption file or brace pattern")
+                    ".json, .jsonl, webdataset .tar shards (one caption a line of their .txt members), written as "
+                    "for clipkd train: brace patterns (shard-{000..009}.tar), a folder for its *.tar shards, "
+                    "several joined with '::'. Skipped and repaired captions are counted per reason.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="caption file, shard folder or brace pattern ('::' joins several)")
     p.add_argument("--out", required=True, type=Path, metavar="POOL.json", help="pool file to write")
     p.add_argument("--top-k", type=int, default=1000, metavar="K", help="keep the K most frequent (0: all)")
     p.add_argument("--min-count", type=int, default=5, metavar="C", help="drop concepts seen fewer than C times")
@@ -45,6 +47,8 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--stoplist", type=Path, help="stop list file (default: the shipped one)")
     p.add_argument("--aliases", type=Path, help="alias file (default: the shipped one)")
     p.add_argument("--nouns", type=Path, help="list of words that are always nouns (default: the shipped one)")
+    p.add_argument("--adjectives", type=Path,
+                   help="list of words that are adjectives before a noun, e.g. colours (default: the shipped one)")
     p.add_argument("--collocation-min-count", type=int, default=10, metavar="N",
                    help="adjective-noun compounds: minimum count of the pair (default: 10)")
     p.add_argument("--collocation-min-share", type=float, default=0.5, metavar="S",
@@ -92,7 +96,7 @@ def _build(args: argparse.Namespace) -> int:
         phrases=args.phrases, max_words=args.max_words, max_chars=args.max_chars, top_k=args.top_k or None,
         min_count=args.min_count, examples=args.examples,
         collocation=Collocation(args.collocation_min_count, args.collocation_min_share, args.collocation_min_npmi),
-        stoplist=args.stoplist, aliases=args.aliases, nouns=args.nouns,
+        stoplist=args.stoplist, aliases=args.aliases, nouns=args.nouns, adjectives=args.adjectives,
         reader=ReaderOptions(args.csv_separator, args.csv_caption_key, args.jsonl_caption_key),
         model=args.spacy_model, pipeline=args.pipeline, batch_size=args.batch_size, cache_size=args.cache_size,
         workers=args.workers, progress=not args.no_progress,

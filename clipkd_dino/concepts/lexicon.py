@@ -1,4 +1,4 @@
-"""The editable word lists that shape concepts: the stop list and the alias list."""
+"""The editable word lists that shape concepts: the stop list, the alias list, the noun list and the adjective list."""
 
 from __future__ import annotations
 
@@ -12,23 +12,27 @@ from clipkd_dino.errors import UserError
 SHIPPED_STOPLIST = Path(__file__).with_name("stoplist.txt")
 SHIPPED_ALIASES = Path(__file__).with_name("aliases.txt")
 SHIPPED_NOUNS = Path(__file__).with_name("nouns.txt")
+SHIPPED_ADJECTIVES = Path(__file__).with_name("adjectives.txt")
 
 
 @dataclass(frozen=True)
 class Lexicon:
-    """Stop entries, compounds kept despite a stop-word head, aliases keyed by word tuples, and forced nouns."""
+    """Stop entries, compounds kept despite a stop-word head, aliases keyed by word tuples, forced nouns and
+    pre-nominal adjectives."""
 
     stop: frozenset[str]
     keep: frozenset[str]
     aliases: dict[tuple[str, ...], str]
     nouns: frozenset[str]
+    adjectives: frozenset[str]
     files: dict[str, dict[str, str]]
 
     @classmethod
-    def load(cls, stoplist: Path | None = None, aliases: Path | None = None, nouns: Path | None = None) -> Lexicon:
-        """Read the stop list, the alias list and the noun list (the shipped ones by default)."""
+    def load(cls, stoplist: Path | None = None, aliases: Path | None = None, nouns: Path | None = None,
+             adjectives: Path | None = None) -> Lexicon:
+        """Read the stop list, the alias list, the noun list and the adjective list (the shipped ones by default)."""
         stoplist, aliases = Path(stoplist or SHIPPED_STOPLIST), Path(aliases or SHIPPED_ALIASES)
-        nouns = Path(nouns or SHIPPED_NOUNS)
+        nouns, adjectives = Path(nouns or SHIPPED_NOUNS), Path(adjectives or SHIPPED_ADJECTIVES)
         stop, keep = set(), set()
         for line in _entries(stoplist):
             (keep if line.startswith("!") else stop).add(_words(line.lstrip("!")))
@@ -38,8 +42,10 @@ class Lexicon:
             if not sep or not canonical.strip():
                 raise UserError(f"{aliases}: expected 'variant<TAB>canonical', got {line!r}")
             alias_map[tuple(_words(variant).split())] = _words(canonical)
-        files = {"stoplist": _describe(stoplist), "aliases": _describe(aliases), "nouns": _describe(nouns)}
-        return cls(frozenset(stop), frozenset(keep), alias_map, frozenset(map(_words, _entries(nouns))), files)
+        files = {"stoplist": _describe(stoplist), "aliases": _describe(aliases), "nouns": _describe(nouns),
+                 "adjectives": _describe(adjectives)}
+        return cls(frozenset(stop), frozenset(keep), alias_map, frozenset(map(_words, _entries(nouns))),
+                   frozenset(map(_words, _entries(adjectives))), files)
 
     def normalise(self, words: tuple[str, ...]) -> str:
         """Join words into a concept, replacing alias variants (longest match first)."""

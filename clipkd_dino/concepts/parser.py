@@ -1,15 +1,17 @@
 """Concept extraction with spaCy.
 
-The definition (docs/concepts.md) reads three things per token: its lowercase form, its kind (noun, proper noun,
-adjective or other) and, for nouns, its lemma. Kind and lemma are a function of the token's word and fine-grained tag
-alone: the lexicon's noun rules may correct the tag, then spaCy's attribute ruler gives the part of speech and the
-rule lemmatizer the lemma. So only the tagger (with its tok2vec) runs over the captions; the ruler and the lemmatizer
-run once per distinct (word, tag) pair, on a one-token Doc, cached. (In the full pipeline the attribute ruler also
-has rules that read the parser's labels: one turns any token the parser calls an auxiliary into AUX, so a parser
-error, "suitcase" labelled aux, changes a noun count. The definition leaves the parser out.) Auxiliary verb forms
-("being", "ca" of "ca n't") are never nouns whatever their tag. The fast path runs thinc's matrix products through
-numpy's OpenBLAS with one thread instead of blis (about twice as fast here). `benchmarks/concepts_speed.py` checks
-that its concepts and counts equal those of the full pipeline.
+The definition (docs/concepts.md) reads four things per token: its lowercase form, its kind (noun, proper noun,
+adjective, verb or other), for nouns its lemma, and for nouns and verbs the verb they are or would be a form of.
+These are a function of the token's word and fine-grained tag alone: the lexicon's noun rules may correct the tag,
+then spaCy's attribute ruler gives the part of speech and the rule lemmatizer the lemma. So only the tagger (with its
+tok2vec) runs over the captions; the ruler and the lemmatizer run once per distinct (word, tag) pair, on a one-token
+Doc, cached. (In the full pipeline the attribute ruler also has rules that read the parser's labels: one turns any
+token the parser calls an auxiliary into AUX, so a parser error, "suitcase" labelled aux, changes a noun count. The
+definition leaves the parser out.) Auxiliary verb forms ("being", "ca" of "ca n't") are never nouns whatever their
+tag. The fast path runs thinc's matrix products through numpy's OpenBLAS with one thread instead of blis (about twice
+as fast here). `benchmarks/concepts_speed.py` checks that its concepts and counts equal those of the full pipeline.
+On top of the tokens, the `Extractor` reads a word's neighbour (a colour before a noun is an adjective) and, for
+verbs read as nouns, counts over the whole corpus (`Tally.resolve` in build.py).
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ PIPELINES = {
 _DIGESTED = ("tokenizer", "vocab/strings.json", "vocab/lookups.bin", "tok2vec/model", "tagger/model",
              "attribute_ruler/patterns", "lemmatizer/lookups/lookups.bin")
 
-NOUN, PROPN, ADJ = "N", "P", "A"  # token kinds; "" for every other token
-_KINDS = {"NOUN": NOUN, "PROPN": PROPN, "ADJ": ADJ}
+NOUN, PROPN, ADJ, VERB = "N", "P", "A", "V"  # token kinds; "" for every other token
+_KINDS = {"NOUN": NOUN, "PROPN": PROPN, "ADJ": ADJ, "VERB": VERB}
 _RUN = frozenset((NOUN, PROPN))
+# Endings of the verb forms the tagger may read as a noun after their subject ("zebra grazing", "zebra grazes").
+VERB_ENDINGS = ("ing", "s")
 AUXILIARY_FORMS = frozenset(
     "be being been am is are was were have has had having do does did ca could wo would sha shall should might".split()
 )
@@ -57,21 +61,34 @@ class Tok(NamedTuple):
     lower: str
     kind: str
     lemma: str  # lowercase; only read for nouns
+    verb: str = ""  # lowercase; of verbs their lemma, of nouns the verb they would be a form of ("grazes": graze)
 
 
-def make_tok(lower: str, pos: str, lemma: str, alpha: bool) -> Tok:
-    """Classify a token: alphabetic nouns, proper nouns and adjectives; auxiliary verb forms are never nouns."""
+_NO_TOK = Tok("", "", "")
+
+
+def make_tok(lower: str, pos: str, lemma: str, alpha: bool, verb: str = "") -> Tok:
+    """Classify a token: alphabetic nouns, proper nouns, adjectives and verbs; auxiliary verb forms are none of them."""
     kind = _KINDS.get(pos, "") if alpha and lower not in AUXILIARY_FORMS else ""
-    return Tok(lower, kind, lemma.lower() if kind == NOUN else "")
+    return Tok(lower, kind, lemma.lower() if kind == NOUN else "", verb.lower() if kind in (NOUN, VERB) else "")
+
+
+Run = tuple[str, tuple[Tok, ...]]  # a noun run and the adjective just before it ("" if none)
+Use = tuple[str, str]  # a word form and the verb it is or would be a form of
 
 
 class Parsed(NamedTuple):
-    """What one caption contributes: token count, (adjective, concept) mentions, adjectives, stop entries hit."""
+    """What one caption contributes: token count, (adjective, concept) mentions, adjectives, stop entries hit; with
+    phrases also the runs that wait for the corpus to say which of their words are verbs (`Extractor.split`), and
+    the uses of word forms as verbs and as common nouns."""
 
     tokens: int
     mentions: tuple[tuple[str, str], ...]
     adjectives: tuple[str, ...]
     stopped: tuple[str, ...]
+    deferred: tuple[Run, ...] = ()
+    verbs: tuple[Use, ...] = ()
+    nouns: tuple[Use, ...] = ()
 
 
 class Extractor:
@@ -81,6 +98,7 @@ class Extractor:
         self.lexicon, self.phrases, self.max_words = lexicon, phrases, max_words
 
     def __call__(self, toks: Sequence[Tok]) -> Parsed:
+        toks = self._pre_nominal_adjectives(toks)
         mentions: list[tuple[str, str]] = []
         stopped: list[str] = []
         if not self.phrases:
@@ -89,29 +107,59 @@ class Extractor:
                     self._add("", (tok.lemma,), mentions, stopped)
             return Parsed(len(toks), tuple(mentions), (), tuple(stopped))
         adjectives = tuple(tok.lower for tok in toks if tok.kind == ADJ)
+        deferred: list[Run] = []
         i, n = 0, len(toks)
         while i < n:
             if toks[i].kind in _RUN:
                 end = i + 1
                 while end < n and toks[end].kind in _RUN:
                     end += 1
-                self._run(toks, i, end, mentions, stopped)
+                adjective = toks[i - 1].lower if i and toks[i - 1].kind == ADJ else ""
+                run = tuple(toks[i:end])
+                if any(tok.lower.endswith(VERB_ENDINGS) for tok in run[1:]):
+                    deferred.append((adjective, run))
+                else:
+                    self._run(run, adjective, mentions, stopped)
                 i = end
             else:
                 i += 1
-        return Parsed(n, tuple(mentions), adjectives, tuple(stopped))
+        return Parsed(n, tuple(mentions), adjectives, tuple(stopped), tuple(deferred),
+                      tuple((tok.lower, tok.verb) for tok in toks if tok.kind == VERB),
+                      tuple((tok.lower, tok.verb) for tok in toks if tok.kind == NOUN))
 
-    def _run(self, toks: Sequence[Tok], start: int, end: int, mentions: list, stopped: list) -> None:
-        """One maximal run of nouns and proper nouns, cut after its last common noun whose concept is not stopped;
-        the adjective just before the run stays attached while the concept starts where the run starts."""
-        before = toks[start - 1] if start else None
-        adjective = before.lower if before is not None and before.kind == ADJ else ""
-        while end > start:
-            head = toks[end - 1]
+    def split(self, adjective: str, run: Sequence[Tok], verbs: frozenset[Tok]
+              ) -> tuple[list[tuple[str, str]], list[str]]:
+        """The mentions and stop entries of a deferred run, once the corpus has said which of its words are verbs:
+        a token of `verbs` after the run's first word is a verb read as a noun ("zebra grazing", "court playing
+        tennis"), so the run ends before it and goes on after it. A verb form first in the run modifies the noun
+        after it ("cutting board")."""
+        mentions: list[tuple[str, str]] = []
+        stopped: list[str] = []
+        start = 0
+        for i in range(1, len(run) + 1):
+            if i == len(run) or run[i] in verbs:
+                if i > start:
+                    self._run(run[start:i], adjective if start == 0 else "", mentions, stopped)
+                start = i + 1
+        return mentions, stopped
+
+    def _pre_nominal_adjectives(self, toks: Sequence[Tok]) -> Sequence[Tok]:
+        """Words of the adjective list (colours) before a noun are adjectives: the tagger often reads "orange" in
+        "an orange cross" as a noun, which would make "orange cross" a compound and "orange" a noun."""
+        listed = self.lexicon.adjectives
+        return [Tok(tok.lower, ADJ, "") if tok.kind in _RUN and tok.lower in listed and after.kind in _RUN else tok
+                for tok, after in zip(toks, [*toks[1:], _NO_TOK])]
+
+    def _run(self, run: Sequence[Tok], adjective: str, mentions: list, stopped: list) -> None:
+        """A run of nouns and proper nouns, cut after its last common noun whose concept is not stopped; the
+        adjective just before the run stays attached while the concept starts where the run starts."""
+        end = len(run)
+        while end > 0:
+            head = run[end - 1]
             if head.kind == NOUN and len(head.lemma) > 1:
-                first = max(start, end - self.max_words)
-                words = tuple(tok.lower for tok in toks[first : end - 1]) + (head.lemma,)
-                if self._add(adjective if first == start else "", words, mentions, stopped):
+                first = max(0, end - self.max_words)
+                words = tuple(tok.lower for tok in run[first : end - 1]) + (head.lemma,)
+                if self._add(adjective if first == 0 else "", words, mentions, stopped):
                     return
             end -= 1
 
@@ -137,10 +185,12 @@ class AnalyzerSpec:
     stoplist: Path | None = None
     aliases: Path | None = None
     nouns: Path | None = None
+    adjectives: Path | None = None
     numpy_blas: bool | None = None  # None: numpy's BLAS for the fast pipeline, blis for the full one
 
     def create(self) -> Analyzer:
-        extract = Extractor(Lexicon.load(self.stoplist, self.aliases, self.nouns), self.phrases, self.max_words)
+        lexicon = Lexicon.load(self.stoplist, self.aliases, self.nouns, self.adjectives)
+        extract = Extractor(lexicon, self.phrases, self.max_words)
         numpy_blas = self.numpy_blas if self.numpy_blas is not None else self.pipeline == "fast"
         return Analyzer(load_nlp(self.model, self.pipeline, numpy_blas), extract, self.batch_size)
 
@@ -166,16 +216,23 @@ class Analyzer:
                     for doc in self.nlp.pipe(texts, batch_size=self.batch_size)]
 
     def _tok(self, key: tuple[int, int]) -> Tok:
-        from spacy.tokens import Doc
-
         strings = self.nlp.vocab.strings
         word = strings[key[0]]
-        doc = Doc(self.nlp.vocab, words=[word])
-        doc[0].tag_ = self.extract.lexicon.noun_tag(word, strings[key[1]])
-        token = self._ruler(doc)[0]
-        lemma = self._lemmatizer(doc)[0].lemma_ if token.pos_ == "NOUN" else ""
-        self._toks[key] = tok = make_tok(token.lower_, token.pos_, lemma, token.is_alpha)
+        pos, lemma = self._analyse(word, self.extract.lexicon.noun_tag(word, strings[key[1]]))
+        verb = lemma if pos == "VERB" else word.lower() if pos == "NOUN" else ""
+        if pos == "NOUN" and verb.endswith(VERB_ENDINGS):  # the verb it would be a form of ("grazes": graze)
+            verb = self._analyse(word, "VBG" if verb.endswith("ing") else "VBZ")[1]
+        self._toks[key] = tok = make_tok(word.lower(), pos, lemma, word.isalpha(), verb)
         return tok
+
+    def _analyse(self, word: str, tag: str) -> tuple[str, str]:
+        """The part of speech of `word` with `tag`, and its lemma if it is a noun or a verb."""
+        from spacy.tokens import Doc
+
+        doc = Doc(self.nlp.vocab, words=[word])
+        doc[0].tag_ = tag
+        pos = self._ruler(doc)[0].pos_
+        return pos, self._lemmatizer(doc)[0].lemma_ if pos in ("NOUN", "VERB") else ""
 
 
 def resolve_model(name: str | None) -> str:

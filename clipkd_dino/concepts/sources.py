@@ -1,5 +1,8 @@
 """Caption sources: plain text, CSV/TSV, COCO captions JSON, JSONL and webdataset shards, read as streams.
 
+Paths are expanded as `clipkd train` expands them. A shard's `.txt` member holds one caption a line (as the training
+reader reads it: toyworld writes five captions per image).
+
 Every reader yields raw caption strings (decoded as UTF-8 with invalid bytes replaced by U+FFFD, which the cleaner
 then rejects) and counts the records it cannot use in a shared `problems` counter. Each file is hashed while it is
 read, so a source's digest costs no second pass.
@@ -49,12 +52,16 @@ class Source:
 
 
 def expand_sources(patterns: Sequence[str]) -> list[Source]:
-    """Expand brace patterns ("shard-{000..009}.tar") and check that each file exists and has a known format."""
-    from braceexpand import braceexpand
+    """Expand each pattern as `clipkd train` does (brace patterns, sets joined by '::', a folder for its *.tar
+    shards; `clipkd_dino.data.pairs.expand_shards`) and check that each file exists and has a known format."""
+    from clipkd_dino.data.pairs import expand_shards
 
     sources = []
     for pattern in patterns:
-        for name in braceexpand(pattern):
+        names = expand_shards(pattern)
+        if not names:
+            raise UserError(f"no *.tar shards in {pattern}")
+        for name in names:
             path = Path(name)
             if not path.is_file():
                 raise UserError(f"caption source not found: {path}")
@@ -192,6 +199,6 @@ def _webdataset(
     try:
         for member in archive:
             if member.isfile() and member.name.lower().endswith(".txt"):
-                yield _decode(archive.extractfile(member).read())
+                yield from _decode(archive.extractfile(member).read()).splitlines() or [""]
     except (tarfile.TarError, EOFError, OSError):
         problems["truncated_shard"] += 1
