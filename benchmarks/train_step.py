@@ -10,40 +10,25 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
 from clipkd_dino.models import create_model, get_tokenizer, image_size
-from clipkd_dino.runtime import autocast, resolve_device
+from clipkd_dino.runtime import resolve_device
 from clipkd_dino.train.objectives import CLIPObjective
+from timing import seconds_per_step
 
 
 def step_seconds(name: str, batch: int, device: torch.device, precision: str, warmup: int, steps: int) -> float:
     torch.manual_seed(0)
     model = create_model(name, device=device)
-    objective = CLIPObjective(model)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+    objective = CLIPObjective(model).to(device)
     size = image_size(model)
     context = get_tokenizer(name)(["a photo"]).shape[1]
     images = torch.randn(batch, 3, size, size, device=device)
     texts = torch.randint(2, 90, (batch, context), device=device)
     texts[:, context // 2] = model.vocab_size - 1  # an end-of-text token in every row
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    for index in range(warmup + steps):
-        if index == warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        with autocast(device, precision):
-            loss = objective(images, texts)["loss_task"]
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_step(objective, {"images": images, "texts": texts}, device, precision, warmup, steps)
 
 
 def main() -> None:

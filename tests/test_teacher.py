@@ -284,3 +284,38 @@ def test_bad_arguments_fail_in_one_line(toyworld_dir, tmp_path):
     assert result.returncode == 2 and "missing.json" in result.stderr and len(result.stderr.splitlines()) == 1
     result = run_cli("label", "--teacher", "toy-teacher")
     assert result.returncode == 2 and "--concepts is required" in result.stderr
+
+
+def test_fresh_toyworld_pool_top16_are_the_kinds_and_labels_are_right(tmp_path):
+    """The chain a user runs: captions -> pool -> labels, on toyworld images the teacher never saw (seed 5)."""
+    from clipkd_dino.concepts.build import BuildOptions, build_pool
+    from clipkd_dino.data.toyworld import KINDS, generate
+    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
+    from clipkd_dino.teacher.stats import label_stats
+
+    data = tmp_path / "fresh"
+    generate(data, n_train=600, n_val=8, image_size=64, seed=5, workers=1, shard_size=300)
+    pool = tmp_path / "pool.json"
+    build_pool([str(data / "train" / "shards")], BuildOptions(phrases=True, top_k=16)).save(pool)
+    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
+                                data=str(data / "train" / "shards"), out=str(tmp_path / "labels"), top_k=16,
+                                templates=str(data / "val" / "zeroshot" / "templates.json"), workers=0,
+                                device="cpu"))
+    labels = load_labels(tmp_path / "labels")
+    assert sorted(labels.concepts) == sorted(KINDS)
+    truth = label_stats(tmp_path / "labels")["ground_truth"]
+    assert truth["precision_nearest_single_object"] >= 85.0
+
+
+def test_unreadable_and_missing_images_are_skipped_and_counted(toyworld_dir, tmp_path):
+    good = toyworld_dir / "train" / "images" / "train-0000001.png"
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows = [f"{good}\ta red square", f"{tmp_path / 'missing.png'}\ta blue circle",
+            f"{tmp_path / 'corrupt.png'}\ta green star", f"{good}\ta second caption"]
+    (tmp_path / "data.csv").write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
+    pool = _kinds_pool(tmp_path / "pool.json")
+    _label(toyworld_dir, tmp_path / "out", pool, "--data", str(tmp_path / "data.csv"), "--cache-views", "1")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == {"missing_image": 1, "bad_image": 1} and summary["samples"] == 1
+    assert load_labels(tmp_path / "out").keys == [str(good)]
+    assert TeacherCache(tmp_path / "out").texts(str(good)).shape[0] == 2

@@ -64,7 +64,8 @@ class CLIPDistiller(nn.Module):
         self.weights = {"task": weights.task, "crd": weights.crd, "icl": weights.icl,
                         "fd": fd_weight(weights.fd, d_t), "mfd": weights.mfd, "gd": weights.gd, "afd": weights.afd,
                         "dino": weights.dino, "dino_text": weights.dino_text}
-        self.project_image, self.project_text = _projector(d_s, d_t), _projector(d_s, d_t)
+        if any(self.weights[name] for name in ("fd", "mfd", "icl", "gd")):  # DDP wants every parameter used
+            self.project_image, self.project_text = _projector(d_s, d_t), _projector(d_s, d_t)
         if weights.icl:
             self.icl_log_scale = nn.Parameter(torch.tensor(math.log(config.icl_init_scale)))
         if weights.afd:
@@ -97,7 +98,8 @@ class CLIPDistiller(nn.Module):
         if w["crd"]:
             losses["loss_crd"] = w["crd"] * crd_loss(g_image, g_text, gt_image, gt_text, scale,
                                                      self.teacher.logit_scale)
-        p_image, p_text = self.project_image(s_image), self.project_text(s_text)
+        if w["fd"] or w["mfd"] or w["icl"] or w["gd"]:
+            p_image, p_text = self.project_image(s_image), self.project_text(s_text)
         if w["fd"]:
             losses["loss_fd"] = w["fd"] * fd_loss(p_image, p_text, t_image, t_text)
         if w["mfd"]:

@@ -37,7 +37,7 @@ from clipkd_dino.files import write_atomic, write_json_atomic
 from clipkd_dino.teacher import cache as cache_files
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.labels import LABELS_FILE
-from clipkd_dino.teacher.search import BACKENDS, assign_labels, nearest_concepts
+from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATES = REPO / "concepts" / "prompts.json"
@@ -165,10 +165,6 @@ def _truth(metadata: dict | None) -> str:
     return ",".join(str(o["kind"]) for o in objects if isinstance(o, dict) and "kind" in o)
 
 
-def _collate(items: list[dict]) -> list[dict]:
-    return items
-
-
 # ---------------------------------------------------------------------------------------------------- one unit
 class _UnitResult:
     """What a unit accumulates until it is written: labels per sample, per-concept sums, cache rows."""
@@ -267,7 +263,7 @@ class LabelPass:
         indexed = [(n, unit, unit_samples(unit, indexing[n])) for n, unit in todo]
         dataset = _UnitSamples(indexed, self.eval_transform, self.views, self.settings.cache_views)
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda")
+                            collate_fn=list, pin_memory=self.device.type == "cuda")
         pending = {n: _UnitResult(unit.name, len(self.names), self.dim, self.device) for n, unit, _ in indexed}
         for n, counts in indexing.items():
             pending[n].skipped.update(counts)
@@ -401,7 +397,8 @@ class LabelPass:
             stream.write(("\t".join(header) + "\n").encode())
             for _, tensors, meta in loaded:
                 concepts = tensors["concept"]
-                passed = assign_labels(_as_nearest(tensors), self.settings.min_score, self.settings.min_margin)
+                nearest = Nearest(concepts, tensors["score"], tensors["margin"])
+                passed = assign_labels(nearest, self.settings.min_score, self.settings.min_margin)
                 labels = renumber(passed, kept, len(self.names))
                 for row, key in enumerate(meta["keys"]):
                     fields = [key, str(int(labels[row])), self.names[int(concepts[row])],
@@ -409,12 +406,6 @@ class LabelPass:
                     stream.write(("\t".join(fields + ([meta["truth"][row]] if with_truth else [])) + "\n").encode())
 
         write_atomic(self.out / LABELS_FILE, write)
-
-
-def _as_nearest(tensors: dict):
-    from clipkd_dino.teacher.search import Nearest
-
-    return Nearest(tensors["concept"], tensors["score"], tensors["margin"])
 
 
 def label_dataset(settings: LabelSettings) -> dict:

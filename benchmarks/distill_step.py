@@ -1,0 +1,104 @@
+"""Time one distillation step (forward + backward + AdamW) per teacher mode, as ratios measured in one run.
+
+    python benchmarks/distill_step.py [--pairs toy ViT-B-16] [--batch 32] [--steps 5] [--device cpu|cuda]
+
+For each teacher/student pair (toy: toy-teacher -> toy-student at 48 px; ViT-B-16: ViT-B-16 -> ViT-T-16 at 224 px,
+random weights), it times:
+  student only         plain CLIP training of the student (no teacher)
+  cached               CLIP-KD (task + CRD + ICL + FD) from a teacher-embedding cache (no teacher forward)
+  cached + dino        the same plus the dino-loss
+  online fp32 / bf16   CLIP-KD + dino with the frozen teacher run at every step, fp32 or bf16 weights
+and prints each time with its ratio to the student-only step, and the dino-loss's own cost (cached + dino / cached).
+The cache is a real one on disk (random embeddings for the batch's keys), read through memory maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from clipkd_dino.config import DistillConfig, LossWeights
+from clipkd_dino.distill.distiller import CLIPDistiller
+from clipkd_dino.distill.teachers import CachedTeacher, OnlineTeacher
+from clipkd_dino.models import create_model, get_tokenizer, image_size, model_config
+from clipkd_dino.runtime import resolve_device
+from clipkd_dino.teacher.cache import to_numpy, write_manifest, write_unit
+from clipkd_dino.train.objectives import CLIPObjective
+from timing import seconds_per_step
+
+PAIRS = {"toy": ("toy-teacher", "toy-student"), "ViT-B-16": ("ViT-B-16", "ViT-T-16")}
+
+
+def make_cache(directory: Path, keys: list[str], dim: int) -> None:
+    images = torch.randn(len(keys), 2, dim) * 10
+    texts = torch.randn(len(keys), dim) * 10
+    write_unit(directory / "cache", "u0", keys, to_numpy(images, "fp16"), to_numpy(texts, "fp16"),
+               list(range(len(keys) + 1)))
+    write_manifest(directory / "cache", {"dtype": "fp16", "views": 2, "dim": dim, "units": ["u0"],
+                                         "teacher_logit_scale": 100.0,
+                                         "view_spec": {"size": 224, "scale": [0.9, 1.0]}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}; batch {args.batch}; {args.steps} timed steps after "
+          f"{args.warmup} (fp32 on CPU, bf16 autocast on CUDA)")
+    print(f"{'pair':<22} {'mode':<20} {'s/step':>8} {'vs student only':>16}")
+    for pair in args.pairs:
+        teacher_name, student_name = PAIRS[pair]
+        torch.manual_seed(0)
+        student = create_model(student_name, device=device)
+        size, context = image_size(student), get_tokenizer(student_name)(["a"]).shape[1]
+        keys = [f"k{i}" for i in range(args.batch)]
+        texts = torch.randint(2, 90, (args.batch, context))
+        texts[:, context // 2] = student.vocab_size - 1
+        batch = {"images": torch.randn(args.batch, 3, size, size, device=device), "texts": texts.to(device),
+                 "keys": keys,
+                 "view": torch.randint(0, 2, (args.batch,)), "caption_index": torch.zeros(args.batch, dtype=torch.long)}
+        d_t, d_s = model_config(teacher_name)["embed_dim"], model_config(student_name)["embed_dim"]
+        with tempfile.TemporaryDirectory() as tmp:
+            make_cache(Path(tmp), keys, d_t)
+            cached = CachedTeacher(tmp)
+
+            class AllLabelled:  # every sample labelled: the dino-loss does its full work
+                def label_of(self, keys):
+                    return torch.arange(len(keys)) % 16
+
+                def __contains__(self, key):
+                    return True
+
+            means = torch.randn(16, d_t, device=device)
+
+            def distiller(teacher, dino: float) -> CLIPDistiller:
+                config = DistillConfig(weights=LossWeights(dino=dino))
+                return CLIPDistiller(student, teacher, config, d_s, means, None, AllLabelled()).to(device)
+
+            modes = {"student only": CLIPObjective(student).to(device), "cached": distiller(cached, 0.0),
+                     "cached + dino": distiller(cached, 1.0)}
+            for weights in ("fp32", "bf16"):
+                modes[f"online {weights} teacher"] = distiller(OnlineTeacher(teacher_name, None, weights, device), 1.0)
+            times = {}
+            for mode, objective in modes.items():
+                times[mode] = seconds_per_step(objective.train(), batch, device, precision, args.warmup, args.steps)
+                print(f"{teacher_name + ' -> ' + student_name:<22} {mode:<20} {times[mode]:8.3f} "
+                      f"{times[mode] / times['student only']:15.2f}x", flush=True)
+            print(f"{'':<22} {'dino-loss cost':<20} {'':>8} {times['cached + dino'] / times['cached']:15.3f}x "
+                  "(cached + dino / cached)")
+
+
+if __name__ == "__main__":
+    main()
