@@ -187,11 +187,11 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
 
 
 def _dino_projector(objective: dict):
-    import torch
+    """The trained dino projector of a distiller's saved state (`latest.pt`'s "objective")."""
+    from clipkd_dino.distill.distiller import dino_projector
 
     weight = objective["dino_projector.2.weight"]
-    projector = torch.nn.Sequential(torch.nn.BatchNorm1d(weight.shape[1]), torch.nn.Dropout(0.5),
-                                    torch.nn.Linear(weight.shape[1], weight.shape[0]))
+    projector = dino_projector(weight.shape[1], weight.shape[0])
     projector.load_state_dict({k.removeprefix("dino_projector."): v for k, v in objective.items()
                                if k.startswith("dino_projector.")})
     return projector

@@ -43,7 +43,8 @@ def _projector(d_in: int, d_out: int) -> nn.Module:
     return nn.Linear(d_in, d_out) if d_in != d_out else nn.Identity()
 
 
-def _dino_projector(d_in: int, d_out: int) -> nn.Module:
+def dino_projector(d_in: int, d_out: int) -> nn.Module:
+    """KD++'s projector for the dino-loss: BatchNorm1d -> Dropout(0.5) -> Linear (identity when dims match)."""
     if d_in == d_out:
         return nn.Identity()
     return nn.Sequential(nn.BatchNorm1d(d_in), nn.Dropout(0.5), nn.Linear(d_in, d_out))
@@ -80,7 +81,7 @@ class CLIPDistiller(nn.Module):
                 if means.shape[1] != d_t:
                     raise ConfigError(f"distill.labels: class means have dim {means.shape[1]}, the teacher {d_t}")
                 self.register_buffer(f"{side}_means", means.float(), persistent=False)
-                setattr(self, f"{side}_projector", _dino_projector(d_s, d_t))
+                setattr(self, f"{side}_projector", dino_projector(d_s, d_t))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch: images [B, 3, H, W], texts [B, L], keys [B], view [B], caption_index [B] -> named losses."""
