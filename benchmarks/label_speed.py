@@ -1,6 +1,6 @@
 """Speed and memory of the labelling pass against the teacher's bare image encoding of the same data, one run.
 
-    python benchmarks/label_speed.py [--images 2000] [--vit-images 256] [--memory-images 5000 50000]
+    python benchmarks/label_speed.py [--images 2000] [--vit-images 256] [--memory-images 5000 20000]
 
 Rows:
   toy teacher on toyworld: `encode images` is the teacher's bare image forward over the images (eval view, same
@@ -90,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--vit-images", type=int, default=256)
-    parser.add_argument("--memory-images", type=int, nargs="*", default=[5000, 50000])
+    parser.add_argument("--memory-images", type=int, nargs="*", default=[5000, 20000])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     print(f"device: {platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; torch {torch.__version__}")
