@@ -133,7 +133,8 @@ def train_students(data: Path, scale: Scale, labels: Path, out: Path, args: argp
                 f"distill.cache={labels}", f"distill.labels={labels}",
                 f"distill.weights.dino={args.dino_weight}", f"train.epochs={args.epochs or scale.epochs}",
                 f"train.batch_size={scale.batch_size}", f"optim.warmup_steps={scale.warmup_steps}",
-                f"train.log_every_steps={min(20, scale.warmup_steps * 2)}", f"train.seed={seed}", f"train.device={args.device}",
+                f"train.log_every_steps={min(20, scale.warmup_steps * 2)}", f"train.seed={seed}",
+                f"train.device={args.device}",
                 f"train.output_dir={run_dir}", *overrides]))
             runs.append({"name": name, "seed": seed, "dir": str(run_dir), "summary": summary})
     return runs
@@ -172,7 +173,7 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     result = {"teacher": {"norms": t_features.norm(dim=-1),
                           "cosine_own": class_mean_cosine(t_features, val_labels)}}
     for run in runs:
-        student = create_model("toy-student", str(Path(run["dir"]) / "checkpoints" / f"epoch_{run['summary']['epochs']}.pt"), device)
+        student = create_model("toy-student", run["summary"]["checkpoint"], device)
         features = encode_images(student, images, transform, device, num_workers=1)
         entry = {"norms": features.norm(dim=-1), "cosine_own": class_mean_cosine(features, val_labels)}
         objective = load_checkpoint(Path(run["dir"]) / "checkpoints" / "latest.pt")["objective"]

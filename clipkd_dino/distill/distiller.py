@@ -77,7 +77,7 @@ class CLIPDistiller(nn.Module):
             if self.weights[side]:
                 if means is None or labels is None:
                     raise ConfigError(f"config key 'distill.weights.{side}' needs 'distill.labels' (the output "
-                                      f"folder of `clipkd label`{' with caption class means' if means is None else ''})")
+                                      "folder of `clipkd label`, with class means)")
                 if means.shape[1] != d_t:
                     raise ConfigError(f"distill.labels: class means have dim {means.shape[1]}, the teacher {d_t}")
                 self.register_buffer(f"{side}_means", means.float(), persistent=False)

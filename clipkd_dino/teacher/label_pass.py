@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import time
 from collections import Counter
@@ -185,8 +186,8 @@ class _UnitResult:
         from safetensors.torch import save
 
         rows = torch.cat(self.nearest) if self.nearest else torch.zeros(0, 3)
-        blob = save({"concept": rows[:, 0].long().contiguous(), "score": rows[:, 1].contiguous(),
-                     "margin": rows[:, 2].contiguous(),
+        blob = save({"concept": rows[:, 0].long().contiguous(), "score": rows[:, 1].float().contiguous(),
+                     "margin": rows[:, 2].float().contiguous(),
                      "image_sums": self.image_sums.sums.cpu(), "image_counts": self.image_sums.counts.cpu(),
                      "text_sums": self.text_sums.sums.cpu(), "text_counts": self.text_sums.counts.cpu()})
         if cache_dir is not None:
@@ -267,14 +268,16 @@ class LabelPass:
         pending = {n: _UnitResult(unit.name, len(self.names), self.dim, self.device) for n, unit, _ in indexed}
         for n, counts in indexing.items():
             pending[n].skipped.update(counts)
+        skipped = sum(sum(counts.values()) for counts in indexing.values())  # shown in the progress bar
         order = [n for n, _, _ in indexed]
         progress = tqdm(total=len(dataset), unit="img", desc="labelling", disable=not self.dist.is_main,
                         dynamic_ncols=True)
         with autocast(self.device, self.settings.precision):
             for batch in loader:
                 self._label_batch(batch, pending)
+                skipped += sum(1 for item in batch if item["problem"])
                 progress.update(len(batch))
-                progress.set_postfix(skipped=sum(sum(p.skipped.values()) for p in pending.values()))
+                progress.set_postfix(skipped=skipped)
                 while order and order[0] != batch[-1]["unit"]:  # units before the current one are complete
                     pending.pop(order.pop(0)).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
         for n in order:
@@ -314,21 +317,20 @@ class LabelPass:
         if self.settings.cache_views:
             view_pixels = torch.stack([v for item in valid for v in item["views"]]).to(self.device)
             views = self.teacher.encode_image(view_pixels).float().view(len(valid), self.settings.cache_views, -1)
-        rows = torch.stack([nearest.concept.float().cpu(), nearest.score.float().cpu(),
-                            nearest.margin.float().cpu()], dim=1)
-        # A batch may span units: split it by unit, in order.
+        # float64 rows keep concept ids exact (float32 would not beyond 2**24)
+        rows = torch.stack([nearest.concept.double().cpu(), nearest.score.double().cpu(),
+                            nearest.margin.double().cpu()], dim=1)
+        offsets = [0, *itertools.accumulate(counts)]  # the captions of valid[i]: offsets[i]:offsets[i + 1]
         start = 0
-        while start < len(valid):
-            unit = valid[start]["unit"]
-            stop = start
-            while stop < len(valid) and valid[stop]["unit"] == unit:
-                stop += 1
+        for unit, group in itertools.groupby(valid, key=lambda item: item["unit"]):  # a batch may span units
+            items = list(group)
+            stop = start + len(items)
+            first, last = offsets[start], offsets[stop]
             result = pending[unit]
-            result.keys += [item["key"] for item in valid[start:stop]]
-            result.truth += [item["truth"] for item in valid[start:stop]]
+            result.keys += [item["key"] for item in items]
+            result.truth += [item["truth"] for item in items]
             result.nearest.append(rows[start:stop])
             result.image_sums.add(features[start:stop], labels[start:stop])
-            first, last = sum(counts[:start]), sum(counts[:stop])
             result.text_sums.add(texts[first:last], caption_labels[first:last])
             if views is not None:
                 result.cache_images.append(views[start:stop].cpu())
@@ -375,8 +377,8 @@ class LabelPass:
             cache_files.write_manifest(cache_dir, {
                 "format": "clipkd-teacher-cache", "version": 1, "views": self.settings.cache_views,
                 "dtype": self.settings.cache_dtype, "dim": self.dim, "units": [u.name for u in self.units],
-                **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256", "teacher_logit_scale",
-                                                    "view_spec")},
+                **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256",
+                                                    "teacher_logit_scale", "view_spec")},
                 "seed": self.settings.seed, "num_samples": num_samples,
             })
         summary = {
