@@ -216,7 +216,7 @@ def tiny_checkpoint(tmp_path) -> tuple[str, str]:
     torch.manual_seed(0)
     model = open_clip.create_model("eval-test-tiny")
     checkpoint = tmp_path / "tiny.pt"
-    torch.save({"state_dict": model.state_dict()}, checkpoint)
+    torch.save({"state_dict": model.state_dict(), "model_name": "eval-test-tiny"}, checkpoint)
     return "eval-test-tiny", str(checkpoint)
 
 
@@ -224,7 +224,8 @@ def test_clipkd_eval_end_to_end(tmp_path, tiny_checkpoint, capsys):
     name, checkpoint = tiny_checkpoint
     _make_dataset(tmp_path)
     out = tmp_path / "out" / "metrics.json"
-    argv = ["eval", "--model", name, "--pretrained", checkpoint, "--out", str(out), "--workers", "0", "--device", "cpu"]
+    argv = ["eval", "--model", name, "--pretrained", checkpoint, "--out", str(out), "--workers", "0", "--device", "cpu",
+            "--cache-dir", str(tmp_path / "cache")]
     assert cli.main([*argv, "--retrieval", str(tmp_path / "val.jsonl"), "--zeroshot", str(tmp_path)]) == 0
     report = json.loads(out.read_text())
     assert report["model"] == name and report["pretrained"].endswith("tiny.pt") and report["timestamp"]
@@ -260,7 +261,8 @@ def test_clipkd_eval_user_errors_exit_2(
     _make_dataset(tmp_path, num_images=1)
     monkeypatch.chdir(tmp_path)
     options = {"--model": name, "--pretrained": checkpoint, "--retrieval": "val.jsonl", option: value}
-    argv = ["eval", "--out", "m.json", *(item for key, val in options.items() if val for item in (key, val))]
+    argv = ["eval", "--out", "m.json", "--no-cache",
+            *(item for key, val in options.items() if val for item in (key, val))]
     assert cli.main(argv) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1

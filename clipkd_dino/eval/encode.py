@@ -1,4 +1,4 @@
-"""Feature extraction for evaluation: images through a DataLoader, texts in tokenised batches.
+"""Feature extraction for evaluation: images (files or shard members) through a DataLoader, texts in batches.
 
 Features are the model's raw (unnormalised) embeddings, returned as float32 on the CPU. The model runs in eval mode
 without gradients under `autocast(device, precision)`; the train/eval flag of every submodule is restored afterwards,
@@ -8,37 +8,46 @@ so the trainer can call this between epochs.
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from clipkd_dino.errors import UserError
+from clipkd_dino.eval.sources import ShardMember
 from clipkd_dino.runtime import autocast
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
+ImageRef = str | Path | ShardMember
 
 
 class ImageFiles(Dataset):
-    """Image files -> transformed tensors."""
+    """Images (file paths or shard members) -> (index, transformed tensor), or (index, None) when `skip_bad` and
+    the image cannot be read; without `skip_bad` an unreadable image is a UserError naming it."""
 
-    def __init__(self, paths: Sequence[str | Path], transform: Transform) -> None:
-        self.paths = list(paths)
+    def __init__(self, images: Sequence[ImageRef], transform: Transform, skip_bad: bool = False) -> None:
+        self.images = list(images)
         self.transform = transform
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
+        image = self.images[index]
         try:
-            with Image.open(path) as image:
-                return self.transform(image)
-        except OSError as error:
-            raise UserError(f"cannot read image {path}: {error}") from None
+            source = io.BytesIO(image.read()) if isinstance(image, ShardMember) else image
+            with Image.open(source) as opened:
+                return index, self.transform(opened)
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated or invalid files
+            if self.skip_bad:
+                return index, None
+            raise UserError(f"cannot read image {_describe(image)}: {error} (--skip-bad drops it)") from None
 
 
 @contextlib.contextmanager
@@ -56,22 +65,48 @@ def inference(model: torch.nn.Module, device: torch.device, precision: str) -> I
 
 def encode_images(
     model: torch.nn.Module,
-    paths: Sequence[str | Path],
+    paths: Sequence[ImageRef],
     transform: Transform,
     device: torch.device,
     precision: str = "fp32",
     batch_size: int = 256,
     num_workers: int = 0,
 ) -> torch.Tensor:
-    """`model.encode_image` of each image file after `transform`: [len(paths), D] float32 on the CPU."""
+    """`model.encode_image` of each image after `transform`: [len(paths), D] float32 on the CPU."""
+    return encode_image_set(model, paths, transform, device, precision, batch_size, num_workers)[0]
+
+
+def encode_image_set(
+    model: torch.nn.Module,
+    images: Sequence[ImageRef],
+    transform: Transform,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
+    """(features of the readable images [N_ok, D] float32 on the CPU, indices of the unreadable ones).
+
+    Without `skip_bad` the first unreadable image raises a UserError naming it, so the list is always empty.
+    """
     loader = DataLoader(
-        ImageFiles(paths, transform),
+        ImageFiles(images, transform, skip_bad),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=_collate_images,
     )
+    features, bad = [], []
     with inference(model, device, precision):
-        return torch.cat([_cpu(model.encode_image(batch.to(device, non_blocking=True))) for batch in loader])
+        for batch, unreadable in _progress(loader, "images", progress):
+            bad.extend(unreadable)
+            if len(batch):
+                features.append(_cpu(model.encode_image(batch.to(device, non_blocking=True))))
+    if not features:
+        raise UserError(f"no readable image among {len(images)}, e.g. {_describe(images[0])}")
+    return torch.cat(features), bad
 
 
 def encode_texts(
@@ -81,16 +116,14 @@ def encode_texts(
     device: torch.device,
     precision: str = "fp32",
     batch_size: int = 256,
+    progress: bool = False,
 ) -> torch.Tensor:
     """`model.encode_text` of the tokenised texts, `batch_size` at a time: [len(texts), D] float32 on the CPU."""
     texts = list(texts)
+    starts = _progress(range(0, len(texts), batch_size), "texts", progress)
     with inference(model, device, precision):
-        return torch.cat(
-            [
-                _cpu(model.encode_text(tokenizer(texts[start : start + batch_size]).to(device)))
-                for start in range(0, len(texts), batch_size)
-            ]
-        )
+        return torch.cat([_cpu(model.encode_text(tokenizer(texts[start : start + batch_size]).to(device)))
+                          for start in starts])
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -100,3 +133,17 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def _cpu(features: torch.Tensor) -> torch.Tensor:
     return features.float().cpu()
+
+
+def _collate_images(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch.Tensor, list[int]]:
+    tensors = [tensor for _, tensor in items if tensor is not None]
+    return (torch.stack(tensors) if tensors else torch.empty(0)), [index for index, tensor in items if tensor is None]
+
+
+def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterable:
+    """A tqdm bar on a terminal when `enabled`, else the iterable itself."""
+    return tqdm(iterable, desc=desc, unit="batch", disable=None, leave=False) if enabled else iterable
+
+
+def _describe(image: ImageRef) -> str:
+    return f"{image.shard} at byte {image.offset}" if isinstance(image, ShardMember) else str(image)

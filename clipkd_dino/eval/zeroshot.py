@@ -4,26 +4,35 @@ Classifier (CLIP/open_clip recipe): per class, encode every template, L2-normali
 re-normalise. Logits = 100 * normalised image features @ classifier.
 Tie rule, as in retrieval: a sample is correct at K when fewer than K other classes score >= its true class.
 
-Data set directory: `classnames.json` (list of names, index = class), `templates.json` (list of strings with "{}",
-replaced by the class name), `samples.csv` (tab-separated, header with `filepath` and `label`, paths relative to the
-directory, integer labels).
+Two data set layouts (`read_zeroshot` tells them apart by `samples.csv`):
+- our directory: `classnames.json` (list of names, index = class), `templates.json` (list of strings with "{}",
+  replaced by the class name), `samples.csv` (tab-separated, header with `filepath` and `label`, paths relative to
+  the directory, integer labels);
+- an image folder: one sub-folder per class, classes in sorted folder order. Class names come from a file (JSON list
+  or one per line, in that order), else for ImageNet's 1000 WNID folders (n01440764, ...) from open_clip's
+  `IMAGENET_CLASSNAMES` (sorted WNIDs = ImageNet's standard class index), else from the folder names. Templates
+  come from a file, else OpenAI's 80 ImageNet templates (`OPENAI_IMAGENET_TEMPLATES`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
+from clipkd_dino.data.pairs import IMAGE_EXTENSIONS
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.encode import Tokenizer, encode_texts
+from clipkd_dino.eval.sources import read_json
 
 LOGIT_SCALE = 100.0
+WNID = re.compile(r"n\d{8}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,16 @@ class ZeroShotSet:
     templates: list[str]
     images: list[Path]
     labels: list[int]
+    image_ids: list[str]
+    skipped: tuple[str, ...] = ()
+
+    def without(self, drop: Sequence[int]) -> "ZeroShotSet":
+        """The set without the images at indices `drop` (recorded as skipped)."""
+        drop = set(drop)
+        keep = [index for index in range(len(self.images)) if index not in drop]
+        return replace(self, images=[self.images[i] for i in keep], labels=[self.labels[i] for i in keep],
+                       image_ids=[self.image_ids[i] for i in keep],
+                       skipped=self.skipped + tuple(self.image_ids[i] for i in sorted(drop)))
 
 
 def zeroshot_classifier(
@@ -47,9 +66,18 @@ def zeroshot_classifier(
     batch_size: int = 256,
 ) -> torch.Tensor:
     """Unit class embeddings from the prompt ensemble: [D, num_classes] float32 on the CPU."""
-    prompts = [template.replace("{}", name) for name in classnames for template in templates]
-    features = encode_texts(model, tokenizer, prompts, device, precision, batch_size)
-    per_class = F.normalize(features, dim=-1).reshape(len(classnames), len(templates), -1)
+    features = encode_texts(model, tokenizer, prompts(classnames, templates), device, precision, batch_size)
+    return classifier_from_features(features, len(classnames))
+
+
+def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class-major: [c0 t0, c0 t1, ..., c1 t0, ...]."""
+    return [template.replace("{}", name) for name in classnames for template in templates]
+
+
+def classifier_from_features(prompt_features: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[D, num_classes] unit class embeddings from the features of `prompts(...)`: normalise, average, normalise."""
+    per_class = F.normalize(prompt_features.float(), dim=-1).reshape(num_classes, -1, prompt_features.shape[-1])
     return F.normalize(per_class.mean(dim=1), dim=-1).T
 
 
@@ -79,27 +107,86 @@ def read_zeroshot_dir(root: str | Path) -> ZeroShotSet:
     if not root.is_dir():
         raise UserError(f"zero-shot directory not found: {root}")
     classnames = _read_string_list(root / "classnames.json")
-    templates = _read_string_list(root / "templates.json")
+    templates = read_templates(root / "templates.json")
+    names, labels = _read_samples(root / "samples.csv", len(classnames))
+    return ZeroShotSet(root, classnames, templates, [root / name for name in names], labels, names)
+
+
+def read_zeroshot(root: str | Path, classnames: str | Path | None = None,
+                  templates: str | Path | None = None) -> ZeroShotSet:
+    """Our directory (with `samples.csv`) or an image folder; `classnames` / `templates` files override either's."""
+    root = Path(root)
+    if (root / "samples.csv").is_file():
+        data = read_zeroshot_dir(root)
+    else:
+        data = read_image_folder(root)
+    if classnames:
+        names = read_names(classnames)
+        if len(names) != len(data.classnames):
+            raise UserError(f"{classnames}: {len(names)} class names for {len(data.classnames)} classes in {root}")
+        data = replace(data, classnames=names)
+    return replace(data, templates=read_templates(templates)) if templates else data
+
+
+def read_image_folder(root: str | Path) -> ZeroShotSet:
+    """One sub-folder per class (sorted), its image files (any depth, sorted) the class's samples."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"zero-shot directory not found: {root}")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"{root}: no class sub-folders (and no samples.csv)")
+    names, labels = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+        names.extend(str(p.relative_to(root)) for p in files)
+        labels.extend([label] * len(files))
+    if not names:
+        raise UserError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    templates = [template("{}") for template in OPENAI_IMAGENET_TEMPLATES]
+    return ZeroShotSet(root, _folder_classnames(root, [f.name for f in folders]), templates,
+                       [root / name for name in names], labels, names)
+
+
+def read_names(path: str | Path) -> list[str]:
+    """A JSON list of strings, or one string per non-empty line."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return _read_string_list(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{path}: empty")
+    return lines
+
+
+def read_templates(path: str | Path) -> list[str]:
+    templates = read_names(path)
     bad = [template for template in templates if "{}" not in template]
     if bad:
-        raise UserError(f"{root / 'templates.json'}: template without '{{}}': {bad[0]!r}")
-    images, labels = _read_samples(root / "samples.csv", len(classnames))
-    return ZeroShotSet(root, classnames, templates, images, labels)
+        raise UserError(f"{path}: template without '{{}}': {bad[0]!r}")
+    return templates
+
+
+def _folder_classnames(root: Path, folders: list[str]) -> list[str]:
+    wnids = [name for name in folders if WNID.fullmatch(name)]
+    if not wnids:
+        return [name.replace("_", " ") for name in folders]
+    if len(wnids) != len(IMAGENET_CLASSNAMES) or len(wnids) != len(folders):
+        raise UserError(f"{root}: {len(wnids)} ImageNet WNID folders among {len(folders)}: the ImageNet class names "
+                        f"need all {len(IMAGENET_CLASSNAMES)} (sorted WNIDs = class index); give a class-names file")
+    return list(IMAGENET_CLASSNAMES)
 
 
 def _read_string_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    value = read_json(path)
     if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value):
         raise UserError(f"{path}: expected a non-empty JSON list of strings")
     return value
 
 
-def _read_samples(path: Path, num_classes: int) -> tuple[list[Path], list[int]]:
+def _read_samples(path: Path, num_classes: int) -> tuple[list[str], list[int]]:
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     images, labels = [], []
@@ -117,13 +204,12 @@ def _read_samples(path: Path, num_classes: int) -> tuple[list[Path], list[int]]:
     return images, labels
 
 
-def _sample_image(filepath: str | None, root: Path, where: str) -> Path:
+def _sample_image(filepath: str | None, root: Path, where: str) -> str:
     if not filepath:
         raise UserError(f"{where}: empty filepath")
-    image = root / filepath
-    if not image.is_file():
-        raise UserError(f"{where}: image file not found: {image}")
-    return image
+    if not (root / filepath).is_file():
+        raise UserError(f"{where}: image file not found: {root / filepath}")
+    return filepath
 
 
 def _sample_label(label: str | None, num_classes: int, where: str) -> int:

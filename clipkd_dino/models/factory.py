@@ -94,3 +94,35 @@ def image_transforms(model: torch.nn.Module, augment: bool = True, crop_scale: t
 
 def _to_rgb(image):
     return image.convert("RGB")
+
+
+def create_model_and_transform(name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
+    """(model in fp32 on `device`, its own eval preprocessing), through open_clip.
+
+    `name`: an open_clip architecture, a shipped config, or `local-dir:DIR` (e.g. written by `clipkd export`);
+    `pretrained`: a local checkpoint file or one of open_clip's tags for `name` (from its cache when offline).
+    """
+    model_config(name)
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained and not Path(pretrained).is_file() and pretrained not in tags:
+        raise ConfigError(f"pretrained checkpoint not found: {pretrained} (open_clip tags of {name!r}: "
+                          f"{', '.join(tags) or 'none'})")
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except (RuntimeError, ValueError, OSError) as error:  # weights not cached offline, a foreign state dict, ...
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {message}") from None
+    return model, transform
+
+
+def checkpoint_model_name(path: str | Path) -> str:
+    """The architecture name stored in a clipkd training checkpoint (`model_name`)."""
+    check_pretrained(str(path))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # a truncated or foreign file: say which one
+        raise ConfigError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    name = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
+    if not isinstance(name, str):
+        raise ConfigError(f"{path} does not name its architecture (no 'model_name'): give the model name too")
+    return name
