@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "clipkd_dino.teacher.commands",
     "clipkd_dino.train.commands",
     "clipkd_dino.eval.commands",
+    "clipkd_dino.export",
+    "clipkd_dino.cls.commands",
     "clipkd_dino.demo",
 )
 

@@ -104,22 +104,48 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from defaults when `path` is None) and apply `key.sub=value` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = Config) -> Any:
+    """Read a YAML file (or start from defaults when `path` is None) and apply `key.sub=value` overrides.
+
+    A file may start from others: `base: FILE` or `base: [FILE, ...]` (paths relative to the file) are read first,
+    in order, and the file's own keys override theirs section by section. `schema` is the top-level dataclass.
+    """
+    raw = read_config_tree(Path(path)) if path is not None else {}
     for override in overrides:
         _apply_override(raw, override)
-    return _build(Config, raw, prefix="")
+    return _build(schema, raw, prefix="")
+
+
+def read_config_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged mapping of `path` and its `base:` files (recursively); errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files include each other")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        _merge(merged, read_config_tree(path.parent / base, seen + (path.resolve(),)))
+    _merge(merged, raw)
+    return merged
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:

@@ -15,10 +15,11 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from clipkd_dino.report import mean_sd
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TEACHER = REPO / "assets" / "toy_teacher.pt"
@@ -52,9 +53,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="toyworld folder, generated when missing (default: data/toyworld, "
                                        "data/toyworld_smoke with --smoke)")
-    parser.add_argument("--out", default="runs/demo", help="where runs, labels, plots and the report go")
+    parser.add_argument("--out", help="where runs, labels, plots and the report go (default: runs/demo, "
+                                      "runs/demo_cls with --cls)")
+    parser.add_argument("--cls", action="store_true", help="the classification mode instead: a CNN teacher, its "
+                        "class means and KD / KD++ students on scikit-learn's digits (clipkd_dino/cls/demo.py)")
     parser.add_argument("--smoke", action="store_true", help="every stage on tiny data (about 2 minutes)")
-    parser.add_argument("--seeds", type=int, default=1, help="students per variant (mean and sd reported)")
+    parser.add_argument("--seeds", type=int, help="students per variant, mean and sd reported (default: 1; 3 with "
+                                                    "--cls)")
     parser.add_argument("--min-margin", type=float, help="labelling: no pseudo-label below this margin (a "
                                                          "label-quality lever; see `clipkd label stats`)")
     parser.add_argument("--dino-weight", type=float, default=1.0, help="weight of the dino-loss (default: 1)")
@@ -199,12 +204,6 @@ def _dino_projector(objective: dict):
 
 
 # ----------------------------------------------------------------------------------------------------- report
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 METRICS = (("any_caption", "i2t_R@1"), ("any_caption", "i2t_R@5"), ("any_caption", "t2i_R@1"),
            ("any_caption", "t2i_R@5"), ("one_to_one", "i2t_R@1"), ("one_to_one", "t2i_R@1"))
 
@@ -214,9 +213,9 @@ def comparison_table(teacher_metrics: dict, runs: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name: str, metrics: list[dict], seconds: list[float] | None) -> str:
-        cells = [_mean_sd([m["retrieval"][p][k] for m in metrics]) for p, k in METRICS]
-        cells.append(_mean_sd([m["zeroshot"]["top1"] for m in metrics]))
-        shown = _mean_sd(seconds).split(".")[0] if seconds else "shipped"
+        cells = [mean_sd([m["retrieval"][p][k] for m in metrics]) for p, k in METRICS]
+        cells.append(mean_sd([m["zeroshot"]["top1"] for m in metrics]))
+        shown = mean_sd(seconds).split(".")[0] if seconds else "shipped"
         return f"| {name} | {len(metrics)} | {shown} | " + " | ".join(cells) + " |"
 
     lines.append(row("teacher (toy-teacher)", [teacher_metrics], None))
@@ -234,11 +233,11 @@ def geometry_table(geometry: dict) -> str:
     for name, entry in geometry.items():
         groups.setdefault(name.split("#")[0], []).append(entry)
     for name, entries in groups.items():
-        cells = [_mean_sd([float(e["norms"].mean()) for e in entries]),
-                 _mean_sd([e["cosine_own"] for e in entries])]
+        cells = [mean_sd([float(e["norms"].mean()) for e in entries]),
+                 mean_sd([e["cosine_own"] for e in entries])]
         if "projected_norms" in entries[0]:
-            cells += [_mean_sd([float(e["projected_norms"].mean()) for e in entries]),
-                      _mean_sd([e["cosine_teacher_means"] for e in entries])]
+            cells += [mean_sd([float(e["projected_norms"].mean()) for e in entries]),
+                      mean_sd([e["cosine_teacher_means"] for e in entries])]
         else:
             cells += ["", ""]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -340,12 +339,18 @@ def run(args: argparse.Namespace) -> int:
     from clipkd_dino.report import format_metrics, plot_eval_curves
     from clipkd_dino.teacher.stats import format_stats, label_stats, plot_stats
 
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds must be >= 1")
+    if args.cls:
+        from clipkd_dino.cls.demo import run_cls_demo
+
+        run_cls_demo(Path(args.out or "runs/demo_cls"), args.seeds or 3, args.smoke, args.device)
+        return 0
+    args.seeds = args.seeds or 1
     start = time.time()
     scale = SMOKE if args.smoke else FULL
     data = Path(args.data or ("data/toyworld_smoke" if args.smoke else "data/toyworld"))
-    out = Path(args.out)
+    out = Path(args.out or "runs/demo")
     make_data(data, scale)
     pool = make_pool(data, scale, out)
     teacher, _ = get_teacher(args, data, out)

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
+
+
+def mean_sd(values: list[float]) -> str:
+    """"12.34 ± 0.56" over the values (the sample standard deviation); just the value when there is one."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

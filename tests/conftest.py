@@ -40,18 +40,24 @@ def torchrun_cli(nproc: int, *args: str, timeout: float = 300) -> subprocess.Com
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int,
-                                          total_steps: int) -> None:
+def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int, total_steps: int,
+                                          command: tuple[str, ...] = ("train",),
+                                          final: tuple[str, str] | None = None) -> None:
     """Train CONFIG uninterrupted; train it again, SIGKILL it once latest.pt has passed `kill_after_step`, resume
-    with `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's."""
+    with `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's.
+
+    `command`: the CLI command that trains (`train`, or `cls train`); `final`: (checkpoint file name, weights key)
+    of the last weights, default (epoch_{epochs}.pt, state_dict).
+    """
     import torch
     import yaml
 
-    run_dir = Path(yaml.safe_load(config.read_text())["train"]["output_dir"])
-    reference = run_cli("train", str(config), f"train.output_dir={tmp_path / 'reference'}")
+    raw = yaml.safe_load(config.read_text())
+    run_dir = Path(raw["train"]["output_dir"])
+    reference = run_cli(*command, str(config), f"train.output_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-2000:]
     latest = run_dir / "checkpoints" / "latest.pt"
-    process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", "train", str(config)], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", *command, str(config)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -63,13 +69,12 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     killed_at = torch.load(latest, weights_only=True)
     assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
 
-    resumed = run_cli("train", str(config), "--resume", "latest")
+    resumed = run_cli(*command, str(config), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == total_steps and killed_at["step"] + 1 in steps
-    epochs = yaml.safe_load(config.read_text())["train"]["epochs"]
-    final = torch.load(run_dir / "checkpoints" / f"epoch_{epochs}.pt", weights_only=True)["state_dict"]
-    expected = torch.load(tmp_path / "reference" / "checkpoints" / f"epoch_{epochs}.pt",
-                          weights_only=True)["state_dict"]
-    for name, tensor in expected.items():
-        torch.testing.assert_close(final[name], tensor, msg=name)
+    name, key = final or (f"epoch_{raw['train']['epochs']}.pt", "state_dict")
+    resumed_weights = torch.load(run_dir / "checkpoints" / name, weights_only=True)[key]
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / name, weights_only=True)[key]
+    for tensor_name, tensor in expected.items():
+        torch.testing.assert_close(resumed_weights[tensor_name], tensor, msg=tensor_name)

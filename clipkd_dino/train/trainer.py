@@ -13,7 +13,6 @@ Outputs in `train.output_dir`:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume, save_a
 from clipkd_dino.train.distributed import DistInfo, global_min, init_distributed, shutdown_distributed
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
+from clipkd_dino.train.runlog import RunLog, flatten_numbers
 
 
 @dataclass
@@ -107,13 +107,9 @@ class Trainer:
         self.skipped: Counter = Counter()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
-        self.writer = None
+        self.log = RunLog(self.output_dir, self.dist.is_main)
         if self.dist.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     # ----------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -144,8 +140,7 @@ class Trainer:
                 write_json_atomic(self.output_dir / "summary.json", summary)
             return summary
         finally:
-            if self.writer:
-                self.writer.close()
+            self.log.close()
             shutdown_distributed()
 
     def _train_epoch(self) -> None:
@@ -212,16 +207,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ outputs and state
     def _log(self, losses: dict[str, float], lr: float, samples_per_s: float) -> None:
-        if not self.dist.is_main:
-            return
-        step = self.position.step
-        record = {"step": step, "epoch": self.position.epoch, **losses, "lr": lr, "samples_per_s": samples_per_s,
-                  "logit_scale": float(self.model.logit_scale.detach().exp())}
-        with open(self.output_dir / "log.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        for name, value in record.items():
-            if name not in ("step", "epoch"):
-                self.writer.add_scalar(f"train/{name}", value, step)
+        self.log.train({"step": self.position.step, "epoch": self.position.epoch, **losses, "lr": lr,
+                        "samples_per_s": samples_per_s, "logit_scale": float(self.model.logit_scale.detach().exp())})
 
     def _evaluate(self) -> dict[str, Any]:
         if not self.dist.is_main or not (self.val_retrieval or self.val_zeroshot):
@@ -229,13 +216,9 @@ class Trainer:
         metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=self.val_retrieval,
                                  zeroshot=self.val_zeroshot, device=self.device,
                                  precision=self.config.train.precision, num_workers=self.config.data.workers)
-        record = {"epoch": self.position.epoch, "step": self.position.step, **metrics}
-        with open(self.output_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        for name, value in _flatten(metrics).items():
-            self.writer.add_scalar(f"val/{name}", value, self.position.step)
+        self.log.metrics({"epoch": self.position.epoch, "step": self.position.step, **metrics})
         tqdm.write(f"[epoch {self.position.epoch}] " + "  ".join(
-            f"{k}={v:.2f}" for k, v in _flatten(metrics).items() if k.endswith(("R@1", "top1"))))
+            f"{k}={v:.2f}" for k, v in flatten_numbers(metrics).items() if k.endswith(("R@1", "top1"))))
         self.model.train()
         return metrics
 
@@ -275,16 +258,6 @@ class Trainer:
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[f"{prefix}{key}"] = float(value)
-    return flat
 
 
 def train(config: Config, resume: str | None = None) -> dict[str, Any]:

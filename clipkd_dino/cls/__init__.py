@@ -1,0 +1,1 @@
+"""Classification mode: distillers for CNN teacher/student pairs (KD, DKD, ReviewKD and their "++" variants)."""
