@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short GPU check for a session that is lent a GPU machine: the CUDA tests, a 1-GPU torchrun smoke run (NCCL),
-# a labelling pass and a cached distillation run on the GPU, and the step benchmarks on the GPU. Prints everything; record the tables in docs/benchmarks.md with the
+# a labelling pass and a cached distillation run on the GPU (the CUDA tests add KD++ classification and the
+# chunked search), and the step benchmarks on the GPU. Prints everything; record the tables in docs/benchmarks.md with the
 # card's name. Usage: bash benchmarks/gpu_check.sh   (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from clipkd_dino import __version__
-from clipkd_dino.errors import UserError
+from clipkd_dino.errors import RunStopped, UserError
 
 COMMAND_MODULES = (
     "clipkd_dino.data.commands",
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"clipkd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        print(f"clipkd {args.command}: {stop}", file=sys.stderr)
+        return stop.code
     except KeyboardInterrupt:
         print(f"clipkd {args.command}: interrupted", file=sys.stderr)
         return 130

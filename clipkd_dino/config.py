@@ -14,6 +14,7 @@ from typing import Any, Union
 
 import yaml
 
+from clipkd_dino.data.faults import check_max_bad_fraction
 from clipkd_dino.errors import ConfigError
 
 
@@ -37,6 +38,7 @@ class DataConfig:
     shuffle_buffer: int = 2000  # webdataset sample shuffle buffer
     val_retrieval: str | None = None  # retrieval JSONL evaluated at epoch ends
     val_zeroshot: str | None = None  # zero-shot directory evaluated at epoch ends
+    max_bad_fraction: float | None = None  # stop once more than this share of the samples read was bad (None: never)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also save `latest` every N optimiser steps (0: at epoch ends only)
     log_every_steps: int = 10
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
+    max_nonfinite_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
 
 
 @dataclass
@@ -215,7 +218,9 @@ def check_values(config: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}; got {value!r}")
+    check_max_bad_fraction(config.data.max_bad_fraction, "config key 'data.max_bad_fraction'")
     positive = {
+        "train.max_nonfinite_steps": config.train.max_nonfinite_steps,
         "train.epochs": config.train.epochs,
         "train.batch_size": config.train.batch_size,
         "optim.accum_steps": config.optim.accum_steps,

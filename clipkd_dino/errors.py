@@ -7,3 +7,11 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A configuration key is unknown, has the wrong type, or points at something that does not exist."""
+
+
+class RunStopped(Exception):
+    """A run stopped on request (SIGTERM / SIGINT) after saving what a resume needs; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

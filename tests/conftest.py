@@ -42,12 +42,14 @@ def torchrun_cli(nproc: int, *args: str, timeout: float = 300) -> subprocess.Com
 
 def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int, total_steps: int,
                                           command: tuple[str, ...] = ("train",),
-                                          final: tuple[str, str] | None = None) -> None:
-    """Train CONFIG uninterrupted; train it again, SIGKILL it once latest.pt has passed `kill_after_step`, resume
-    with `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's.
+                                          final: tuple[str, str] | None = None,
+                                          stop: signal.Signals = signal.SIGKILL) -> None:
+    """Train CONFIG uninterrupted; train it again, stop it once past `kill_after_step`, resume with
+    `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's.
 
     `command`: the CLI command that trains (`train`, or `cls train`); `final`: (checkpoint file name, weights key)
-    of the last weights, default (epoch_{epochs}.pt, state_dict).
+    of the last weights, default (epoch_{epochs}.pt, state_dict). `stop`: SIGKILL (sent once latest.pt has passed the
+    step) or a signal the trainer catches (sent once log.jsonl has; the run must save latest.pt and exit 128 + it).
     """
     import torch
     import yaml
@@ -59,13 +61,17 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     latest = run_dir / "checkpoints" / "latest.pt"
     process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", *command, str(config)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if latest.exists() and torch.load(latest, weights_only=True)["step"] >= kill_after_step:
+        if stop == signal.SIGKILL and latest.exists() and \
+                torch.load(latest, weights_only=True)["step"] >= kill_after_step:
+            break
+        if stop != signal.SIGKILL and log.exists() and len(log.read_text().splitlines()) >= kill_after_step:
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    assert process.wait() == (-stop if stop == signal.SIGKILL else 128 + stop)
     killed_at = torch.load(latest, weights_only=True)
     assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
 

@@ -13,7 +13,7 @@ from clipkd_dino.report import plot_eval_curves
 from clipkd_dino.train.trainer import train
 from conftest import REPO
 
-SUBCOMMANDS = ["toyworld", "train", "eval", "concepts", "label", "demo"]
+SUBCOMMANDS = ["toyworld", "train", "eval", "concepts", "label", "cls", "export", "demo"]
 
 
 def test_help_lists_every_subcommand():

@@ -14,7 +14,7 @@ import yaml
 from clipkd_dino.cls.config import METHODS, check_cls_config, load_cls_config
 from clipkd_dino.cls.data import build_data
 from clipkd_dino.errors import ConfigError, UserError
-from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli
+from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli, torchrun_cli
 
 PUBLISHED = sorted((REPO / "configs" / "cls").glob("*/*.yaml"))
 ROWS = [p for p in PUBLISHED if p.parent.name in ("cifar100", "imagenet")]
@@ -151,7 +151,8 @@ def test_cifar100_python_folder(tmp_path):
     assert label == 3 and plain.shape == (3, 32, 32)
     first = pickle.loads((folder / "test").read_bytes())[b"data"][0].reshape(3, 32, 32)
     mean, std = torch.tensor((0.5071, 0.4865, 0.4409)), torch.tensor((0.2673, 0.2564, 0.2762))
-    torch.testing.assert_close(data.val[0][0], (torch.from_numpy(first) / 255 - mean[:, None, None]) / std[:, None, None])
+    expected = (torch.from_numpy(first) / 255 - mean[:, None, None]) / std[:, None, None]
+    torch.testing.assert_close(data.val[0][0], expected)
 
 
 def test_toyworld_classification_split(toyworld_dir):
@@ -241,6 +242,17 @@ def test_kdpp_student_trains_resumes_exactly_and_exports_without_projector(digit
     assert any("projector" in key for key in latest["distiller"])  # the projector is kept for resuming
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(m["top1"] for m in metrics) == pytest.approx(best["top1"])
+
+
+@pytest.mark.slow
+def test_two_process_training_under_torchrun(digits_teacher, tmp_path):
+    result = torchrun_cli(2, "cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"),
+                          "model.teacher=wrn_16_2", f"model.teacher_pretrained={digits_teacher}", "train.epochs=1",
+                          "data.train_limit=128", "train.batch_size=16", f"train.output_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4  # 128 images / 2 processes / 16 per batch
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
 @pytest.mark.slow

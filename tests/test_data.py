@@ -117,3 +117,83 @@ def test_webdataset_without_sizes_needs_num_samples(tmp_path, student):
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(ConfigError, match="data.num_samples"):
         TrainData(DataConfig(train=str(tmp_path / "a.tar")), student[1], student[0], batch_size=1)
+
+
+def webdataset(train: str, student, workers: int, views: bool = False, augment: bool = False, seed: int = 0,
+               rank: int = 0, batch_size: int = 8, **cfg) -> TrainData:
+    from clipkd_dino.data.pairs import PairImages
+    from clipkd_dino.data.views import ViewSpec
+
+    tokenizer, transform = student
+    if augment:
+        transform = image_transforms(create_model("toy-student"), augment=True, crop_scale=(0.3, 1.0))[0]
+    images = PairImages(transform, ViewSpec(size=48, scale=(0.3, 1.0)), num_views=4) if views else PairImages(transform)
+    config = DataConfig(train=train, workers=workers, **({"shuffle_buffer": 20} | cfg))
+    return TrainData(config, images, tokenizer, batch_size=batch_size, rank=rank, seed=seed)
+
+
+def described(batches: list[dict]) -> list[tuple]:
+    """What a batch is made of: keys, caption and view draws, skipped counts (the pixels are compared apart)."""
+    return [(b["keys"], b["caption_index"].tolist(), b["view"].tolist(), b["skipped"]) for b in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("views, augment", [(True, False), (False, True)])
+def test_webdataset_resumed_epoch_replays_the_uninterrupted_one(toyworld_dir, student, workers, views, augment):
+    shards = str(toyworld_dir / "train" / "shards")
+    reference = webdataset(shards, student, 0, views, augment, num_samples=160)
+    data = webdataset(shards, student, workers, views, augment, num_samples=160)
+    full = list(reference.epoch_batches(1))
+    assert len(full) == reference.steps_per_epoch == 20
+    assert all(len(b["keys"]) == 8 for b in full)
+    assert all(0 <= c < 5 for b in full for c in b["caption_index"].tolist())
+    assert {v for b in full for v in b["view"].tolist()} == ({0, 1, 2, 3} if views else {-1})
+    assert len({c for b in full for c in b["caption_index"].tolist()}) > 1
+    uninterrupted = list(data.epoch_batches(1))
+    resumed = list(data.epoch_batches(1, skip_batches=7))
+    assert described(uninterrupted) == described(full), "the batches do not depend on the number of workers"
+    assert described(resumed) == described(full[7:])
+    for got, expected in zip(uninterrupted[7:] + resumed, full[7:] + full[7:]):
+        assert torch.equal(got["images"], expected["images"]) and torch.equal(got["texts"], expected["texts"])
+    assert list(data.epoch_batches(1, skip_batches=20)) == []
+
+
+def test_webdataset_stream_depends_on_seed_rank_and_epoch(toyworld_dir, student):
+    shards = str(toyworld_dir / "train" / "shards")
+    keys = lambda data, epoch=0: [b["keys"] for b in data.epoch_batches(epoch)]
+    data = webdataset(shards, student, 0, views=True)
+    first = keys(data)
+    assert keys(data) == first and keys(webdataset(shards, student, 0, views=True)) == first, "same seed, same stream"
+    assert keys(data, 1) != first and keys(data, 2) != keys(data, 1), "every epoch is a new stream"
+    assert keys(webdataset(shards, student, 0, views=True, seed=1)) != first
+    assert keys(webdataset(shards, student, 0, views=True, rank=1)) != first
+    draws = lambda data: [(b["caption_index"].tolist(), b["view"].tolist()) for b in data.epoch_batches(0)]
+    buffer_one = webdataset(shards, student, 0, views=True, shuffle_buffer=1)  # the shards' own order
+    assert draws(buffer_one) == draws(webdataset(shards, student, 0, views=True, shuffle_buffer=1))
+
+
+def test_webdataset_resume_decodes_only_the_batches_left(toyworld_dir, student, monkeypatch):
+    from clipkd_dino.data import pairs
+
+    decoded = []
+    decode = pairs._decode_webdataset_sample
+    monkeypatch.setattr(pairs, "_decode_webdataset_sample", lambda sample, *args: decoded.append(1) or
+                        decode(sample, *args))
+    data = webdataset(str(toyworld_dir / "train" / "shards"), student, 0, num_samples=96, batch_size=16)
+    assert len(list(data.epoch_batches(0, skip_batches=4))) == 2
+    assert len(decoded) == 2 * 16
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_broken_members_are_counted_once_whatever_the_workers_and_resume(tmp_path, toyworld_dir, student,
+                                                                                    workers):
+    source = sorted((toyworld_dir / "train" / "shards").glob("*.tar"))[0]
+    (tmp_path / "good.tar").write_bytes(source.read_bytes())
+    (tmp_path / "truncated.tar").write_bytes(source.read_bytes()[:20000])
+    train = f"{tmp_path / 'good.tar'}::{tmp_path / 'truncated.tar'}"
+    reference = list(webdataset(train, student, 0, num_samples=160, shuffle_buffer=4).epoch_batches(0))
+    bad = [i for i, b in enumerate(reference) if b["skipped"].get("bad_shard_member")]
+    assert bad and bad[-1] >= 5, "the test needs broken members after the resume point"
+    data = webdataset(train, student, workers, num_samples=160, shuffle_buffer=4)
+    assert described(list(data.epoch_batches(0))) == described(reference)
+    assert described(list(data.epoch_batches(0, skip_batches=5))) == described(reference[5:])

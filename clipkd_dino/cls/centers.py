@@ -1,8 +1,9 @@
 """`clipkd cls centers`: the teacher's class means of its pooled penultimate features over the training set.
 
 Every training image is seen once, without augmentation. With `correct_only`, only the images the teacher classifies
-correctly count (KD++ paper, appendix B.6); a class with none of those falls back to all its images. Stored like the CLIP path's class means (`class_means.safetensors` +
-`class_means.json`), so `distill.class_means` reads either, and KD++'s own centre JSON too.
+correctly count (KD++ paper, appendix B.6); a class with none of those falls back to all its images. Stored like
+the CLIP path's class means (`class_means.safetensors` + `class_means.json`), so `distill.class_means` reads
+either, and KD++'s own centre JSON too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipkd_dino.cls.config import ClsConfig, check_cls_config
-from clipkd_dino.cls.data import build_data
+from clipkd_dino.cls.data import build_data, collate_classification
 from clipkd_dino.errors import UserError
 from clipkd_dino.runtime import autocast, resolve_device
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, load_class_means, save_class_means
@@ -43,7 +44,9 @@ def teacher_class_means(teacher: nn.Module, loader: DataLoader, num_classes: int
     """
     every, correct = ClassSums(num_classes, teacher.feature_dim, device), ClassSums(num_classes, teacher.feature_dim,
                                                                                     device)
-    for images, targets in tqdm(loader, desc="class means", unit="batch", dynamic_ncols=True):
+    for images, targets, _ in tqdm(loader, desc="class means", unit="batch", dynamic_ncols=True):
+        if not len(targets):
+            continue
         images, targets = images.to(device), targets.to(device)
         with autocast(device, precision):
             out = teacher(images)
@@ -65,7 +68,7 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     data = build_data(config.data.dataset, config.data.root)
     teacher = load_teacher(config, data.num_classes, device)
     loader = DataLoader(data.train_plain, batch_size=config.train.batch_size, shuffle=False,
-                        num_workers=config.data.workers)
+                        num_workers=config.data.workers, collate_fn=collate_classification)
     sums, fallback, accuracy = teacher_class_means(teacher, loader, data.num_classes, config.centers.correct_only,
                                                    device, config.train.precision)
     if fallback:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from clipkd_dino.cls.data import check_data
+from clipkd_dino.data.faults import check_max_bad_fraction
 from clipkd_dino.errors import ConfigError
 
 METHODS = ("vanilla", "kd", "dkd", "reviewkd")
@@ -28,6 +29,7 @@ class ClsDataConfig:
     root: str = "data/cifar100"  # CIFAR-100 python folder, ImageNet folder (train/, val/), toyworld folder
     train_limit: int | None = None  # keep this many training images (a seeded subset); None: all
     workers: int = 2
+    max_bad_fraction: float | None = None  # stop once more than this share of the images read was bad
 
 
 @dataclass
@@ -50,6 +52,7 @@ class ClsTrainConfig:
     seed: int = 0
     output_dir: str = "runs/cls"
     log_every_steps: int = 50
+    max_nonfinite_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
 
 
 @dataclass
@@ -109,8 +112,10 @@ def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
         raise ConfigError(f"config key 'distill.method' must be one of {', '.join(METHODS)}; got {distill.method!r}")
     if config.train.precision not in PRECISIONS:
         raise ConfigError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}")
+    check_max_bad_fraction(config.data.max_bad_fraction, "config key 'data.max_bad_fraction'")
     for key, value in {"train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
-                       "optim.lr": config.optim.lr}.items():
+                       "optim.lr": config.optim.lr, "train.max_nonfinite_steps": config.train.max_nonfinite_steps
+                       }.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
     for key in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "review_weight", "warmup_epochs", "dino_weight"):

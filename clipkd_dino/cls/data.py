@@ -4,6 +4,9 @@ download: scikit-learn's digits (1,797 real 8x8 scans) and toyworld's single-obj
 Small sets live in memory as uint8 tensors [N, 3, H, W]; augmentation runs on those tensors (no PIL round trip).
 CIFAR-100's python format is a pickle: the one file type this project unpickles, because it is the only form the data
 set is published in (docs/classification.md).
+
+Image folders skip what they cannot read: `SafeImageFolder` returns a `Skipped(reason)` marker for a missing, empty
+or corrupt image and `collate_classification` drops the markers from the batch and counts them per reason.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import io
 import json
 import pickle
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
+from clipkd_dino.data.pairs import Skipped
+from clipkd_dino.data.samples import BadSample, load_image
 from clipkd_dino.errors import ConfigError, UserError
 
 DATASETS = ("cifar100", "imagenet", "digits", "toyworld")
@@ -53,6 +60,28 @@ class TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
+
+
+class SafeImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose items are (transformed image, class) or `Skipped(reason)` with reason
+    "missing_image", "empty_file" or "bad_image" (truncated or corrupt; `samples.load_image`)."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | Skipped:
+        path, target = self.samples[index]
+        try:
+            image = load_image(path).convert("RGB")
+        except BadSample as bad:
+            return Skipped(bad.reason)
+        return self.transform(image), target
+
+
+def collate_classification(batch: list) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(images [N, ...], targets [N] long, {reason: count} of the `Skipped` items dropped) from a list of
+    (image, class) items; an all-bad batch gives N = 0."""
+    valid = [item for item in batch if not isinstance(item, Skipped)]
+    skipped = Counter(item.reason for item in batch if isinstance(item, Skipped))
+    images = torch.stack([image for image, _ in valid]) if valid else torch.empty(0)
+    return images, torch.tensor([int(target) for _, target in valid], dtype=torch.long), dict(skipped)
 
 
 def check_data(dataset: str, root: str) -> None:
@@ -128,16 +157,14 @@ def _in_memory(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
 
 
 def _imagenet(root: str) -> ClsData:
-    from torchvision.datasets import ImageFolder
-
     normalise = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_tf = v2.Compose([v2.RandomResizedCrop(224), v2.RandomHorizontalFlip(), *normalise])
     eval_tf = v2.Compose([v2.Resize(256), v2.CenterCrop(224), *normalise])
-    train = ImageFolder(str(Path(root) / "train"), transform=train_tf)
-    val = ImageFolder(str(Path(root) / "val"), transform=eval_tf)
+    train = SafeImageFolder(str(Path(root) / "train"), transform=train_tf)
+    val = SafeImageFolder(str(Path(root) / "val"), transform=eval_tf)
     if train.classes != val.classes:
         raise UserError(f"{root}: train/ and val/ have different class folders")
-    return ClsData(train, ImageFolder(str(Path(root) / "train"), transform=eval_tf), val, train.classes)
+    return ClsData(train, SafeImageFolder(str(Path(root) / "train"), transform=eval_tf), val, train.classes)
 
 
 def _resized(images: torch.Tensor) -> torch.Tensor:

@@ -90,13 +90,15 @@ def method_rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def comparison_table(teacher: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    lines = ["| model | runs | val top-1 (%), last epoch | val top-1 (%), best epoch | train s |", "|---|---|---|---|---|"]
+    lines = ["| model | runs | val top-1 (%), last epoch | val top-1 (%), best epoch | train s |",
+             "|---|---|---|---|---|"]
     lines.append(f"| teacher ({teacher['student']}) | 1 | {teacher['last']['top1']:.2f} | {teacher['best_top1']:.2f} | "
                  f"{teacher['wall_seconds']:.0f} |")
     for name in STUDENTS:
         mine = [r["summary"] for r in runs if r["name"] == name]
         lines.append(f"| student: {name} | {len(mine)} | {mean_sd([s['last']['top1'] for s in mine])} | "
-                     f"{mean_sd([s['best_top1'] for s in mine])} | {statistics.mean(s['wall_seconds'] for s in mine):.0f} |")
+                     f"{mean_sd([s['best_top1'] for s in mine])} | "
+                     f"{statistics.mean(s['wall_seconds'] for s in mine):.0f} |")
     return "\n".join(lines)
 
 

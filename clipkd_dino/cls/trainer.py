@@ -7,13 +7,17 @@ Outputs in `train.output_dir`:
   checkpoints/last.pt       so a trained student can teach in turn); no projector, no ABF, no optimiser
   log.jsonl, metrics.jsonl, tensorboard/, summary.json
 
-A run resumes at the epoch after `latest.pt`; the epoch's order and augmentations are functions of (seed, epoch) and
-the restored RNG, so a resumed run on CPU ends with the weights of one that was never stopped.
+`latest.pt` is written after every epoch and when a SIGTERM / SIGINT stops the run (at the next step). A resumed run
+continues at the saved batch: the epoch's order is a function of (seed, epoch) and the RNG is restored, so with
+`data.workers: 0` a resumed run on CPU ends with the weights of one that was never stopped (with worker processes,
+the augmentations of the resumed epoch's remaining batches are drawn anew). Steps with a non-finite loss are
+skipped (`train.max_nonfinite_steps` in a row stop the run); one run per output folder (a lock).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +29,16 @@ from tqdm import tqdm
 
 from clipkd_dino.cls.centers import load_teacher, read_centers
 from clipkd_dino.cls.config import ClsConfig, ClsDistillConfig, check_cls_config
-from clipkd_dino.cls.data import build_data
+from clipkd_dino.cls.data import build_data, collate_classification
 from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.files import write_json_atomic
-from clipkd_dino.runtime import autocast, resolve_device
-from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume, save_atomic
-from clipkd_dino.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from clipkd_dino.runtime import autocast
+from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
+from clipkd_dino.data.pairs import SkipFirst
+from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
+from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
+from clipkd_dino.train.guard import NonFiniteGuard, OutputLock, StopSignals, any_rank, save_checkpoint
 from clipkd_dino.train.runlog import RunLog
 
 
@@ -59,7 +66,9 @@ def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device, p
     """top-1 and top-5 (%) of `model` (returning {"logits": ...}) over `loader`."""
     model.eval()
     hits, seen = torch.zeros(2), 0
-    for images, targets in loader:
+    for images, targets, _ in loader:
+        if not len(targets):
+            continue
         with autocast(device, precision):
             logits = model(images.to(device))["logits"]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
@@ -78,12 +87,9 @@ class ClsTrainer:
         self.config = config
         self.output_dir = Path(config.train.output_dir)
         resume_path = resolve_resume(resume, self.output_dir) if resume else None
-        device = resolve_device(config.train.device)
-        self.dist: DistInfo = init_distributed(device.type)
-        if device.type == "cuda" and self.dist.enabled:
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device, self.dist = init_process(config.train.device)
+        device = self.device
+        self.lock = OutputLock(self.output_dir) if self.dist.is_main else None
         torch.manual_seed(config.train.seed)
 
         data = build_data(config.data.dataset, config.data.root, config.data.train_limit, config.train.seed)
@@ -112,7 +118,10 @@ class ClsTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: step_lr_factor(
             step / self.steps_per_epoch, optim.milestones, optim.gamma, optim.lr_warmup_epochs))
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
-        self.epoch, self.step, self.best_top1 = 0, 0, -1.0
+        self.epoch, self.batch, self.step, self.best_top1 = 0, 0, 0, -1.0
+        self.skipped: Counter = Counter()
+        self.seen = 0  # training images read, good and bad
+        self.nonfinite, self.signals = NonFiniteGuard(config.train.max_nonfinite_steps), StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
         self.log = RunLog(self.output_dir, self.dist.is_main)
@@ -122,16 +131,18 @@ class ClsTrainer:
     def run(self) -> dict[str, Any]:
         start, metrics = time.time(), {}
         try:
-            while self.epoch < self.config.train.epochs:
-                self._train_epoch()
-                self.epoch += 1
-                metrics = self._evaluate()
+            with self.signals:
+                while self.epoch < self.config.train.epochs:
+                    self._train_epoch()
+                    self.epoch, self.batch = self.epoch + 1, 0
+                    metrics = self._evaluate()
             summary = {
                 "student": self.config.model.student, "teacher": self.config.model.teacher,
                 "method": self.config.distill.method, "dino_weight": self.config.distill.dino_weight,
                 "epochs": self.epoch, "steps": self.step, "processes": self.dist.world_size,
                 "wall_seconds": round(time.time() - start, 1), "last": metrics, "best_top1": self.best_top1,
-                "published_top1": self.config.published.top1,
+                "published_top1": self.config.published.top1, "nonfinite_steps": self.nonfinite.total,
+                "skipped_samples": dict(self.skipped), "seen_samples": self.seen,
                 "checkpoint": str(self.output_dir / "checkpoints" / "best.pt"),
             }
             if self.dist.is_main:
@@ -139,37 +150,61 @@ class ClsTrainer:
             return summary
         finally:
             self.log.close()
+            if self.lock:
+                self.lock.release()
             shutdown_distributed()
 
     def _loader(self, dataset, sampler=None, epoch: int = 0) -> DataLoader:
         generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
         return DataLoader(dataset, batch_size=self.config.train.batch_size, sampler=sampler,
                           num_workers=self.config.data.workers, generator=generator, drop_last=sampler is not None,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", persistent_workers=False,
+                          collate_fn=collate_classification)
 
     def _train_epoch(self) -> None:
         cfg = self.config
         self.sampler.set_epoch(self.epoch)
         self.wrapped.train()
-        progress = tqdm(self._loader(self.train_data, self.sampler, self.epoch), total=self.steps_per_epoch,
-                        disable=not self.dist.is_main, desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}",
-                        unit="batch", dynamic_ncols=True)
-        for batch_index, (images, targets) in enumerate(progress):
-            images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            with autocast(self.device, cfg.train.precision):
-                _, named = self.wrapped(images, targets, self.epoch + batch_index / self.steps_per_epoch)
-            loss = sum(named.values())
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step()
-            self.step += 1
-            if self.step == 1 or self.step % cfg.train.log_every_steps == 0:
-                values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
-                self.log.train({"step": self.step, "epoch": self.epoch, **values, "lr": lr})
-                progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+        sampler = SkipFirst(self.sampler, self.batch * cfg.train.batch_size)
+        progress = tqdm(self._loader(self.train_data, sampler, self.epoch), total=self.steps_per_epoch,
+                        initial=self.batch, disable=not self.dist.is_main,
+                        desc=f"epoch {self.epoch + 1}/{cfg.train.epochs}", unit="batch", dynamic_ncols=True)
+        try:
+            for images, targets, skipped in progress:
+                self.skipped.update(skipped)
+                self.seen += len(targets) + sum(skipped.values())
+                limit = cfg.data.max_bad_fraction
+                if any_rank(bad_fraction_exceeded(self.skipped, self.seen, limit), self.device):
+                    enforce_bad_fraction(self.skipped, self.seen, limit, "data (training split)", final=True)
+                    raise TooManyBadSamples("data: another process read more than data.max_bad_fraction bad images")
+                if global_min(len(targets), self.device) == 0:  # a batch with no readable image on some process
+                    self.batch += 1
+                    continue
+                images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+                with autocast(self.device, cfg.train.precision):
+                    _, named = self.wrapped(images, targets, self.epoch + self.batch / self.steps_per_epoch)
+                skip = self.nonfinite.bad_terms(named, self.device)
+                if skip:
+                    self.optimizer.step()  # no gradients: updates nothing, keeps the scheduler's order
+                else:
+                    loss = sum(named.values())
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.scheduler.step()
+                self.step, self.batch = self.step + 1, self.batch + 1
+                if not skip and (self.step == 1 or self.step % cfg.train.log_every_steps == 0):
+                    values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
+                    self.log.train({"step": self.step, "epoch": self.epoch, **values, "lr": lr})
+                    progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                if self.signals.requested(self.device):
+                    latest = self._save_latest()
+                    raise self.signals.stopped(f"at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})",
+                                               latest)
+        finally:
+            progress.close()  # also on an error, so that its message starts a line of its own
 
     def _evaluate(self) -> dict[str, float]:
         """Validation accuracy on rank 0 (exact: every image once), shared with all ranks; then the checkpoints."""
@@ -193,16 +228,20 @@ class ClsTrainer:
         return metrics
 
     def _save_student(self, name: str, metrics: dict[str, float]) -> None:
-        save_atomic({"model": self.distiller.student_state_dict(), "model_name": self.config.model.student,
-                     "num_classes": self.num_classes, "epoch": self.epoch, **metrics},
-                    self.output_dir / "checkpoints" / name)
+        weights = self.distiller.student_state_dict()
+        save_checkpoint({"model": weights, "model_name": self.config.model.student, "num_classes": self.num_classes,
+                         "epoch": self.epoch, **metrics}, self.output_dir / "checkpoints" / name, weights)
 
-    def _save_latest(self) -> None:
-        save_atomic({"distiller": self.distiller.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "epoch": self.epoch, "step": self.step, "best_top1": self.best_top1,
-                     "model_name": self.config.model.student, "rng": torch.get_rng_state()},
-                    self.output_dir / "checkpoints" / "latest.pt")
+    def _save_latest(self) -> Path:
+        path, weights = self.output_dir / "checkpoints" / "latest.pt", self.distiller.state_dict()
+        if self.dist.is_main:
+            save_checkpoint({"distiller": weights, "optimizer": self.optimizer.state_dict(),
+                             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                             "epoch": self.epoch, "batch_in_epoch": self.batch, "step": self.step,
+                             "best_top1": self.best_top1, "model_name": self.config.model.student,
+                             "skipped": dict(self.skipped), "seen": self.seen, "rng": torch.get_rng_state()},
+                            path, weights)
+        return path
 
     def _restore(self, state: dict[str, Any]) -> None:
         if "optimizer" not in state:
@@ -215,7 +254,10 @@ class ClsTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        self.epoch, self.step, self.best_top1 = state["epoch"], state["step"], state["best_top1"]
+        self.epoch, self.batch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.best_top1 = state["best_top1"]
+        self.skipped.update(state["skipped"])
+        self.seen = state["seen"]
 
 
 def train_classifier(config: ClsConfig, resume: str | None = None) -> dict[str, Any]:

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipkd_dino.concepts.clean import CaptionCleaner
+from clipkd_dino.concepts.clean import FAULT_REASONS, SKIP_REASONS, CaptionCleaner
 from clipkd_dino.concepts.parser import (VERB_ENDINGS, AnalyzerSpec, Extractor, Parsed, Run, Tok, Use, model_info,
                                          resolve_model)
 from clipkd_dino.concepts.pool import Collocation, ConceptPool, finalise
 from clipkd_dino.concepts.sources import ReaderOptions, Source, expand_sources, read_captions
+from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -233,6 +234,7 @@ class BuildOptions:
     cache_size: int = 200_000
     workers: int = 1
     progress: bool = True
+    max_bad_fraction: float | None = None  # stop once more than this fraction of the captions read were faulty
 
     def settings(self, files: dict[str, dict[str, str]]) -> dict[str, object]:
         return {
@@ -245,6 +247,7 @@ def build_pool(patterns: Sequence[str], options: BuildOptions) -> ConceptPool:
     """Build a concept pool from caption files (paths or brace patterns)."""
     from clipkd_dino.concepts.lexicon import Lexicon
 
+    check_max_bad_fraction(options.max_bad_fraction, "--max-bad-fraction")
     sources = expand_sources(patterns)
     lexicon = Lexicon.load(options.stoplist, options.aliases, options.nouns, options.adjectives)
     model = resolve_model(options.model)
@@ -267,18 +270,31 @@ def build_pool(patterns: Sequence[str], options: BuildOptions) -> ConceptPool:
     run = {"seconds": round(seconds, 2), "captions_per_second": round(tally.captions / max(seconds, 1e-9), 1),
            "distinct_parsed": stream.parsed, "pipeline": options.pipeline, "workers": options.workers,
            "batch_size": options.batch_size, "cache_size": options.cache_size, "top_k": options.top_k,
-           "min_count": options.min_count}
+           "min_count": options.min_count, "max_bad_fraction": options.max_bad_fraction}
     return finalise(tally, lexicon, options, problems, settings=options.settings(lexicon.files),
                     spacy=model_info(model, options.pipeline), sources=[s.describe() for s in sources], run=run)
 
 
 def _cleaned(sources: Iterable[Source], options: BuildOptions, problems: Counter[str]) -> Iterable[str]:
+    """The cleaned captions; with `max_bad_fraction`, stops once too many of the records read were faults (a record
+    is a caption, a malformed row or a broken shard: each is kept or skipped under one reason)."""
     clean = CaptionCleaner(options.max_chars, problems)
+    limit, kept = options.max_bad_fraction, 0
+
+    def judge(final: bool = False) -> None:
+        seen = kept + sum(problems[reason] for reason in SKIP_REASONS)
+        faults = {reason: problems[reason] for reason in FAULT_REASONS if problems[reason]}
+        enforce_bad_fraction(faults, seen, limit, "caption sources", final)
+
     for source in sources:
         for raw in read_captions(source, options.reader, problems):
             text = clean(raw)
             if text is not None:
+                kept += 1
                 yield text
+            if limit is not None:
+                judge()
+    judge(final=True)
 
 
 def _progress(enabled: bool) -> tqdm:

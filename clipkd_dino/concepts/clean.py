@@ -6,7 +6,9 @@ import html
 import re
 from collections import Counter
 
-SKIP_REASONS = ("empty", "invalid_utf8", "non_english", "bad_record", "truncated_shard")
+SKIP_REASONS = ("empty", "invalid_utf8", "non_english", "bad_record", "missing_caption", "empty_file", "not_a_tar",
+                "truncated_shard")
+FAULT_REASONS = tuple(reason for reason in SKIP_REASONS if reason != "non_english")  # a filter, not a data fault
 REPAIR_REASONS = ("html", "truncated")
 
 _TAG = re.compile(r"<[^<>]{1,200}>")

@@ -64,6 +64,9 @@ def _add_build(commands: argparse._SubParsersAction) -> None:
                    help="distinct captions remembered so repeats are parsed once (0: off; default: 200000)")
     p.add_argument("--workers", type=int, default=1, help="parsing processes (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-bad-fraction", type=float, metavar="F",
+                   help="stop once more than this fraction of the captions read were faulty (blank, not UTF-8, "
+                        "missing, malformed rows, broken shards; docs/reliability.md; default: never)")
     p.set_defaults(func=_build)
 
 
@@ -99,7 +102,7 @@ def _build(args: argparse.Namespace) -> int:
         stoplist=args.stoplist, aliases=args.aliases, nouns=args.nouns, adjectives=args.adjectives,
         reader=ReaderOptions(args.csv_separator, args.csv_caption_key, args.jsonl_caption_key),
         model=args.spacy_model, pipeline=args.pipeline, batch_size=args.batch_size, cache_size=args.cache_size,
-        workers=args.workers, progress=not args.no_progress,
+        workers=args.workers, progress=not args.no_progress, max_bad_fraction=args.max_bad_fraction,
     )
     pool = build_pool(args.sources, options)
     pool.save(args.out)

@@ -4,8 +4,10 @@ Paths are expanded as `clipkd train` expands them. A shard's `.txt` member holds
 reader reads it: toyworld writes five captions per image).
 
 Every reader yields raw caption strings (decoded as UTF-8 with invalid bytes replaced by U+FFFD, which the cleaner
-then rejects) and counts the records it cannot use in a shared `problems` counter. Each file is hashed while it is
-read, so a source's digest costs no second pass.
+then rejects) and counts the records it cannot use in a shared `problems` counter: a malformed record (`bad_record`),
+a blank record (`empty`), a shard that is empty (`empty_file`), not a tar (`not_a_tar`) or ends early
+(`truncated_shard`: the captions before the break are kept), a shard sample without a `.txt` member
+(`missing_caption`). Each file is hashed while it is read, so a source's digest costs no second pass.
 """
 
 from __future__ import annotations
@@ -194,11 +196,21 @@ def _webdataset(
 ) -> Iterator[str]:
     try:
         archive = tarfile.open(fileobj=stream, mode="r|*")
-    except tarfile.TarError as error:
-        raise UserError(f"{source.path}: not a readable tar shard ({error})") from error
+    except tarfile.TarError:
+        problems["not_a_tar" if source.path.stat().st_size else "empty_file"] += 1
+        return
+    has_text: dict[str, bool] = {}  # sample key (the member name up to its first dot) -> has a .txt member
     try:
         for member in archive:
-            if member.isfile() and member.name.lower().endswith(".txt"):
+            if not member.isfile():
+                continue
+            directory, _, name = member.name.rpartition("/")
+            key, is_text = f"{directory}/{name.partition('.')[0]}", name.lower().endswith(".txt")
+            has_text[key] = has_text.get(key, False) or is_text
+            if is_text:
                 yield from _decode(archive.extractfile(member).read()).splitlines() or [""]
-    except (tarfile.TarError, EOFError, OSError):
+    except (tarfile.TarError, EOFError, OSError):  # tarfile checks that each member's data is there
         problems["truncated_shard"] += 1
+        if has_text:
+            has_text.popitem()  # the sample at the break is the truncation's loss, not judged on its own
+    problems.update("missing_caption" for text in has_text.values() if not text)

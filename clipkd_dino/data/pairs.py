@@ -7,7 +7,15 @@ them, even from DataLoader worker processes.
 - CSV: every row is visited once per epoch (DistributedSampler); a resumed run skips the batches already done.
 - webdataset: shards are sampled with replacement (open_clip's "resampled" mode), so every process always has
   data and an epoch is a fixed number of steps (`num_samples // global batch`). A `.txt` member with several lines
-  holds several captions: one is drawn at random at each visit.
+  holds several captions: one is drawn at random at each visit. The stream of an epoch is a pure function of
+  (seed, rank, epoch): the shard draws and the sample shuffle buffer are seeded from them, and batch b is the raw
+  samples at positions [b * batch_size, (b + 1) * batch_size) of the stream (a skipped sample keeps its place, so
+  a batch may hold fewer valid samples). The caption, the view and the random augmentation of a sample are drawn
+  from (seed, rank, epoch, its position), not from a running generator. So a resumed epoch (`skip_batches`)
+  yields exactly the batches that the uninterrupted epoch yields after the first `skip_batches` ones, whatever
+  the number of DataLoader workers: every worker reads the cheap undecoded stream and decodes only the samples of
+  its own batches (those the DataLoader takes from it in turn); skipped batches are never decoded, and their bad
+  samples and broken shard members are not counted again.
 
 Each batch also carries the samples' keys (webdataset `__key__`, or the CSV image path as written), the index of the
 caption drawn among the sample's captions, and the augmentation view drawn (-1 for the model's own random
@@ -31,14 +39,13 @@ from typing import Callable, Iterator
 import torch
 from braceexpand import braceexpand
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
 from clipkd_dino.data.views import ViewSpec
-from clipkd_dino.errors import ConfigError
+from clipkd_dino.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-_worker_skips: Counter = Counter()  # per worker process; emptied into each batch by `collate_pairs`
 
 
 @dataclass
@@ -129,12 +136,11 @@ def load_pair(image: Callable[[], Image.Image], caption: str, images: PairImages
     return Pair(pixels, tokenizer([caption])[0], key, caption_index, view)
 
 
-def collate_pairs(samples: list) -> dict:
-    """Stack the valid samples; count the skipped ones (and those reported by the webdataset handler)."""
+def collate_pairs(samples: list, also_skipped: Counter | None = None) -> dict:
+    """Stack the valid samples; count the skipped ones, plus `also_skipped` (e.g. broken shard members)."""
     valid = [s for s in samples if not isinstance(s, Skipped)]
     skipped = Counter(s.reason for s in samples if isinstance(s, Skipped))
-    skipped.update(_worker_skips)
-    _worker_skips.clear()
+    skipped.update(also_skipped or {})
     images = torch.stack([s.pixels for s in valid]) if valid else torch.empty(0)
     texts = torch.stack([s.tokens for s in valid]) if valid else torch.empty(0, dtype=torch.long)
     return {"images": images, "texts": texts, "keys": [s.key for s in valid],
@@ -197,24 +203,145 @@ class SkipFirst(Sampler):
         return max(0, len(self.sampler) - self.skip)
 
 
-def _count_and_continue(error: Exception) -> bool:
-    """webdataset handler: count a broken shard or tar member, warn once per error, keep going."""
-    _worker_skips["bad_shard_member"] += 1
+def _count_and_continue(error: Exception, counts: Counter) -> bool:
+    """Count a broken shard or tar member (of a batch this process decodes), warn, keep going."""
+    counts["bad_shard_member"] += 1
     log.warning("skipping unreadable webdataset data: %s", error)
     return True
 
 
-def _decode_webdataset_sample(sample: dict, images: PairImages, tokenizer, rng: random.Random):
+def _draws(*parts) -> random.Random:
+    """A generator seeded by a hash of `parts`: the same draws in every process and on every run."""
+    return random.Random(hashlib.sha256("\0".join(str(part) for part in parts).encode()).digest())
+
+
+_END = object()
+
+
+def _shuffled(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
+    """webdataset's buffer shuffle (`wds.shuffle`), drawing only from `rng` (no worker id, pid or time)."""
+    initial = min(initial, bufsize)
+    buffer: list = []
+
+    def pick():
+        index = rng.randrange(len(buffer))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        return buffer.pop()
+
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) < bufsize:  # while filling, take two samples for each one given out
+            extra = next(samples, _END)
+            if extra is not _END:
+                buffer.append(extra)
+        if len(buffer) >= initial:
+            yield pick()
+    while buffer:
+        yield pick()
+
+
+def _decode_webdataset_sample(sample: dict, images: PairImages, tokenizer, draws: random.Random):
+    """The pair of a raw webdataset sample; view, torch seed (random augmentation) and caption come from `draws`."""
+    view = images.draw_view(draws)
+    torch_seed = draws.getrandbits(63)
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None or "txt" not in sample:
-        return Skipped("missing_member")
+    if image_key is None:
+        return Skipped("missing_image")
+    if "txt" not in sample:
+        return Skipped("missing_caption")
     try:
         captions = [line for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
-        return Skipped("bad_caption")
-    index = rng.randrange(len(captions)) if captions else 0
-    return load_pair(lambda: Image.open(io.BytesIO(sample[image_key])), captions[index] if captions else "", images,
-                     tokenizer, sample["__key__"], index, images.draw_view(rng))
+        return Skipped("invalid_utf8")
+    index = draws.randrange(len(captions)) if captions else 0
+    state = torch.get_rng_state()  # the model's random transform draws from torch's generator: seed it per sample
+    try:
+        torch.default_generator.manual_seed(torch_seed)
+        return load_pair(lambda: Image.open(io.BytesIO(sample[image_key])), captions[index] if captions else "",
+                         images, tokenizer, sample["__key__"], index, view)
+    finally:
+        torch.set_rng_state(state)
+
+
+class WebdatasetEpoch(IterableDataset):
+    """Batches [skip, stop) of epoch `epoch` of process `rank`'s webdataset stream, each collated in the worker.
+
+    The raw (undecoded) stream is a pure function of (seed, rank, epoch): shards drawn with replacement, their
+    samples through a seeded shuffle buffer. Batch b holds the samples at stream positions [b * B, (b + 1) * B).
+    Every DataLoader worker reads the raw stream and decodes only the batches it owns: batch skip + i belongs to
+    worker i % workers, the order in which a DataLoader takes batches from its workers, starting at worker 0.
+    A sample's draws (caption, view, random augmentation) come from (seed, rank, epoch, its position). Broken shard
+    members are counted in the batch of the next sample read after them, by that batch's worker only.
+    """
+
+    def __init__(self, urls: list[str], images: PairImages, tokenizer, batch_size: int, shuffle_buffer: int,
+                 seed: int, rank: int, epoch: int, skip: int, stop: int) -> None:
+        self.urls, self.images, self.tokenizer, self.batch_size = urls, images, tokenizer, batch_size
+        self.shuffle_buffer, self.seed, self.rank, self.epoch = shuffle_buffer, seed, rank, epoch
+        self.skip, self.stop = skip, stop
+
+    def raw_samples(self) -> Iterator[tuple[dict, list[Exception]]]:
+        """(raw sample, errors met since the previous one), endlessly, in stream order."""
+        from webdataset.tariterators import tarfile_samples
+
+        errors: list[Exception] = []
+        shard_rng = _draws("shards", self.seed, self.rank, self.epoch)
+        max_draws = max(1000, 20 * len(self.urls))
+        draws_without_sample = 0
+
+        def shards() -> Iterator[dict]:
+            nonlocal draws_without_sample
+            while True:
+                draws_without_sample += 1
+                if draws_without_sample > max_draws:
+                    raise UserError(f"webdataset: no readable sample in {max_draws} shards drawn in a row from "
+                                    f"{len(self.urls)} shards ({self.urls[0]}, ...): are they all broken?")
+                yield {"url": self.urls[shard_rng.randrange(len(self.urls))]}
+
+        def handler(error: Exception) -> bool:
+            errors.append(error)
+            return True
+
+        def samples() -> Iterator[dict]:
+            nonlocal draws_without_sample
+            for sample in tarfile_samples(shards(), handler=handler):
+                draws_without_sample = 0
+                yield sample
+
+        shuffle_rng = _draws("shuffle", self.seed, self.rank, self.epoch)
+        for sample in _shuffled(samples(), self.shuffle_buffer, min(self.shuffle_buffer, 500), shuffle_rng):
+            met = errors.copy()
+            errors.clear()
+            yield sample, met
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        owned = range(self.skip + worker, self.stop, workers)
+        if not owned:
+            return
+        size = self.batch_size
+        samples: list = []
+        counts: Counter = Counter()
+        stream = self.raw_samples()
+        for position, (sample, errors) in enumerate(stream):
+            batch = position // size
+            if batch > owned[-1]:
+                break
+            if batch not in owned:
+                continue  # not decoded: another worker's batch, or one done before a resume
+            for error in errors:
+                _count_and_continue(error, counts)
+            draws = _draws(self.seed, self.rank, self.epoch, position)
+            samples.append(_decode_webdataset_sample(sample, self.images, self.tokenizer, draws))
+            if len(samples) == size:
+                yield collate_pairs(samples, counts)
+                samples, counts = [], Counter()
+        stream.close()
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 class TrainData:
@@ -239,26 +366,21 @@ class TrainData:
                 f"data.train has {self.num_samples} samples, fewer than one global batch "
                 f"({batch_size} x {world_size} processes): lower train.batch_size"
             )
-        self._stream: Iterator | None = None
 
     def epoch_batches(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
         """The batches of `epoch` after the first `skip_batches` ones."""
-        count = self.steps_per_epoch - skip_batches
         if self.format == "csv":
             yield from self._csv_loader(epoch, skip_batches)
-            return
-        if self._stream is None:
-            self._stream = iter(self._webdataset_loader(epoch, skip_batches))
-        for _ in range(count):
-            yield next(self._stream)
+        elif skip_batches < self.steps_per_epoch:
+            yield from self._webdataset_loader(epoch, skip_batches)
 
     def _loader(self, dataset, epoch: int, **kwargs) -> DataLoader:
         """Its own generator (worker seeds) leaves the global RNG, and so dropout, the same after a resume."""
         workers = self.cfg.workers
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=workers, collate_fn=collate_pairs,
-                          persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if workers else None,
-                          generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch), **kwargs)
+        options = {"batch_size": self.batch_size, "collate_fn": collate_pairs} | kwargs
+        return DataLoader(dataset, num_workers=workers, persistent_workers=False,
+                          pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                          generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch), **options)
 
     def _csv_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
@@ -269,14 +391,6 @@ class TrainData:
                             drop_last=True)
 
     def _webdataset_loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        import webdataset as wds
-
-        seed = hash((self.seed, self.rank, epoch, skip_batches)) % 2**31  # reproducible, new on resume
-        rng = random.Random(seed)  # caption and view draws (each DataLoader worker has its own copy)
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(self.urls, deterministic=True, seed=seed),
-            wds.tarfile_to_samples(handler=_count_and_continue),
-            wds.shuffle(self.cfg.shuffle_buffer, initial=min(self.cfg.shuffle_buffer, 500), seed=seed),
-            wds.map(lambda sample: _decode_webdataset_sample(sample, self.images, self.tokenizer, rng)),
-        )
-        return self._loader(pipeline, epoch)
+        dataset = WebdatasetEpoch(self.urls, self.images, self.tokenizer, self.batch_size, self.cfg.shuffle_buffer,
+                                  self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch)
+        return self._loader(dataset, epoch, batch_size=None, collate_fn=_as_is)  # batches come collated

@@ -10,22 +10,42 @@ resumes unit by unit and torchrun ranks split the units):
 - CSV: rows are grouped by image path (open_clip CSVs hold one row per caption); the key is the image path as
   written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in file order.
 
-Unreadable shards, truncated shards and samples without an image are counted per reason, never raised.
+Faults are counted per reason, never raised (the reasons: docs/reliability.md): a shard that is empty
+(`empty_file`), not a tar (`not_a_tar`) or truncated (`truncated_shard`, once per shard: the samples before the break
+are kept); a CSV row that is not UTF-8 (`invalid_utf8`, one per row: its image keeps its other rows); a sample
+without an image (`missing_image`), without a caption (`missing_caption`) or whose caption is not UTF-8
+(`invalid_utf8`); an image that is empty (`empty_file`) or cannot be decoded (`bad_image`, see `load_image`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from clipkd_dino.data.pairs import IMAGE_EXTENSIONS, data_format, expand_shards
 from clipkd_dino.errors import ConfigError
 
 CSV_UNIT_SIZE = 10_000
+IMAGE_REASONS = ("missing_image", "empty_file", "bad_image")
+# What PIL raises for a truncated, corrupt or over-large file (its plugins raise more than OSError).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, Image.DecompressionBombError)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is its skip reason (e.g. "bad_image")."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -48,6 +68,7 @@ class Unit:
     name: str
     path: str
     csv_samples: tuple[SampleRef, ...] | None = None
+    csv_problems: Counter = field(default_factory=Counter, compare=False)  # rows dropped while reading the CSV
 
 
 @dataclass
@@ -73,45 +94,85 @@ def list_units(source: str, configured_format: str = "auto", csv_separator: str 
 
 
 def unit_samples(unit: Unit, problems: Counter) -> tuple[SampleRef, ...]:
-    """The samples of a unit in order; a broken or truncated shard counts its problem and yields what it can."""
-    return unit.csv_samples if unit.csv_samples is not None else _index_shard(unit.path, problems)
+    """The samples of a unit in order; a broken or truncated shard, or undecodable CSV rows, count their problem."""
+    if unit.csv_samples is None:
+        return _index_shard(unit.path, problems)
+    problems.update(unit.csv_problems)
+    return unit.csv_samples
 
 
 def read_sample(path: str, ref: SampleRef) -> RawSample:
-    """The parts of one sample; `path` is its unit's shard (unused for CSV samples)."""
+    """The parts of one sample; `path` is its unit's shard (unused for CSV samples). A sample without an image
+    member, or without a usable caption, gets its skip reason in `problem` (its image is not checked here)."""
     if not ref.members:
-        return RawSample(ref.key, ref.image_path, list(ref.captions), None)
+        return RawSample(ref.key, ref.image_path, list(ref.captions), None,
+                         problem=None if ref.captions else "missing_caption")
     parts = {}
     with open(path, "rb") as handle:
         for ext, (offset, size) in ref.members.items():
             handle.seek(offset)
             parts[ext] = handle.read(size)
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    image_ext = image_member(ref)
     if image_ext is None:
-        return RawSample(ref.key, None, [], None, problem="missing_member")
-    sample = RawSample(ref.key, parts[image_ext], [], None)
-    if "txt" in parts:
-        try:
-            sample.captions = [line for line in parts["txt"].decode("utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            sample.problem = "bad_caption"
+        return RawSample(ref.key, None, [], None, problem="missing_image")
+    captions, problem = decode_captions(parts.get("txt"))
+    metadata = None
     if "json" in parts:
-        try:
-            sample.metadata = json.loads(parts["json"])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            sample.metadata = None
-    return sample
+        with contextlib.suppress(UnicodeDecodeError, json.JSONDecodeError):  # metadata is optional
+            metadata = json.loads(parts["json"])
+    return RawSample(ref.key, parts[image_ext], captions, metadata, problem)
+
+
+def image_member(ref: SampleRef) -> str | None:
+    """The extension of a shard sample's image member, None when it has none."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in ref.members), None)
+
+
+def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
+    """(the non-empty lines of a `.txt` member, None), or ([], "missing_caption" | "invalid_utf8")."""
+    try:
+        captions = [line for line in (text or b"").decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        return [], "invalid_utf8"
+    return captions, None if captions else "missing_caption"
+
+
+def load_image(source: bytes | str | Path) -> Image.Image:
+    """The decoded image (bytes of a shard member, or a file path); `BadSample` with reason "missing_image",
+    "empty_file" or "bad_image" (truncated or corrupt: PIL's error is the detail) when it cannot be used."""
+    if not isinstance(source, bytes):
+        if not os.path.isfile(source):
+            raise BadSample("missing_image")
+        if os.path.getsize(source) == 0:
+            raise BadSample("empty_file")
+    elif not source:
+        raise BadSample("empty_file")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            return image
+    except _IMAGE_ERRORS as error:
+        raise BadSample("bad_image", str(error)) from None
 
 
 def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
+    try:
+        end = Path(url).stat().st_size  # a truncated last member lies past the end of the file: dropped below
+    except OSError:
+        problems["not_a_tar"] += 1
+        return ()
+    if end == 0:
+        problems["empty_file"] += 1
+        return ()
     samples: dict[str, dict[str, tuple[int, int]]] = {}
+    truncated = False
     try:
         with tarfile.open(url, mode="r:") as archive:
             while True:
                 try:
                     member = archive.next()
                 except (tarfile.TarError, EOFError, OSError):
-                    problems["truncated_shard"] += 1
+                    truncated = True
                     break
                 if member is None:
                     break
@@ -124,32 +185,43 @@ def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
                 key = f"{directory}/{stem}" if directory else stem
                 samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError):
-        problems["bad_shard"] += 1
-    try:
-        end = Path(url).stat().st_size  # a truncated last member lies past the end of the file: drop it
-    except OSError:
-        problems["bad_shard"] += 1
+        problems["not_a_tar"] += 1
         return ()
     complete = {key: members for key, members in samples.items()
                 if all(offset + size <= end for offset, size in members.values())}
-    if len(complete) < len(samples) and not problems["truncated_shard"]:
+    if truncated or len(complete) < len(samples):
         problems["truncated_shard"] += 1
     return tuple(SampleRef(key, members) for key, members in complete.items())
 
 
 def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> list[Unit]:
     captions: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+    problems: Counter = Counter()
+    # undecodable bytes become lone surrogates, so a row that is not UTF-8 is found and dropped on its own
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle, delimiter=separator)
         missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
         if missing:
             raise ConfigError(f"{path}: column {missing[0]!r} not found (columns: {reader.fieldnames})")
         for row in reader:
-            lines = captions.setdefault(row[img_key] or "", [])
-            if (row[caption_key] or "").strip():
-                lines.append(row[caption_key])
+            image, caption = row[img_key] or "", row[caption_key] or ""
+            if not _is_utf8(image + caption):
+                problems["invalid_utf8"] += 1
+                continue
+            lines = captions.setdefault(image, [])
+            if caption.strip():
+                lines.append(caption)
     root = Path(path).parent
     refs = [SampleRef(key, image_path=str(root / key), captions=tuple(lines)) for key, lines in captions.items()]
     stem = Path(path).stem
-    return [Unit(f"{stem}-{start // CSV_UNIT_SIZE:06d}", path, tuple(refs[start:start + CSV_UNIT_SIZE]))
-            for start in range(0, len(refs), CSV_UNIT_SIZE)]
+    return [Unit(f"{stem}-{start // CSV_UNIT_SIZE:06d}", path, tuple(refs[start:start + CSV_UNIT_SIZE]),
+                 problems if start == 0 else Counter())
+            for start in range(0, max(len(refs), 1), CSV_UNIT_SIZE)]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -165,12 +165,15 @@ def _check_arguments(
 
 def _prepare_layout(out_dir: Path) -> None:
     """Remove a previous (or interrupted) toy world in `out_dir` and create the folders."""
-    (out_dir / "toyworld.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(out_dir / split, ignore_errors=True)
-        (out_dir / split / "images").mkdir(parents=True)
-        (out_dir / split / "shards").mkdir()
-    (out_dir / "val" / "zeroshot").mkdir()
+    try:
+        (out_dir / "toyworld.json").unlink(missing_ok=True)
+        for split in SPLITS:
+            shutil.rmtree(out_dir / split, ignore_errors=True)
+            (out_dir / split / "images").mkdir(parents=True)
+            (out_dir / split / "shards").mkdir()
+        (out_dir / "val" / "zeroshot").mkdir()
+    except OSError as error:
+        raise UserError(f"--out {out_dir}: cannot create the output folders: {error.strerror or error}") from None
 
 
 def _tsv_writer(stack: ExitStack, path: Path, header: tuple[str, str]) -> Any:

@@ -45,8 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "default for image folders: OpenAI's 80 ImageNet templates)")
     run_options = parser.add_argument_group("run")
     run_options.add_argument("--out", metavar="FILE", help="metrics JSON to write (and FILE.md with the table)")
-    run_options.add_argument("--skip-bad", action="store_true", help="drop missing or unreadable images (and their "
-                             "captions), counted in the JSON; default: such an image is an error")
+    run_options.add_argument("--skip-bad", action="store_true", help="skip missing, empty or corrupt images (with "
+                             "their captions), images without captions, captions that are not UTF-8 and broken "
+                             "shards, counted per reason in the JSON; default: the first is an error")
+    run_options.add_argument("--max-bad-fraction", type=float, metavar="F",
+                             help="with --skip-bad: fail when more than this fraction of a data set was skipped")
     run_options.add_argument("--search", default="auto", choices=("auto", "torch", "faiss"),
                              help="retrieval search: chunked torch or faiss (default: faiss on the CPU if installed)")
     run_options.add_argument("--cache-dir", metavar="DIR", help="embedding cache (default: ~/.cache/clipkd/embeddings)")
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
     from pathlib import Path
 
+    from clipkd_dino.data.faults import format_skipped
     from clipkd_dino.errors import UserError
     from clipkd_dino.eval.cache import default_cache_dir
     from clipkd_dino.eval.evaluate import evaluate_model
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
                         "--zeroshot DIR")
     if not args.out:
         raise UserError("--out FILE is required")
+    if args.max_bad_fraction is not None and not args.skip_bad:
+        raise UserError("--max-bad-fraction needs --skip-bad (without it the first bad sample is an error)")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out is a directory: {out}")
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         search=search,
         skip_bad=args.skip_bad,
         progress=True,
+        max_bad_fraction=args.max_bad_fraction,
     )
     pretrained = args.pretrained
     report = {
@@ -123,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out, report)
     _write_text(out.with_suffix(".md"), table)
     print(table)
+    if args.skip_bad:
+        for part in ("retrieval", "zeroshot"):
+            if part in metrics:
+                print(f"{part}: {format_skipped(metrics[part]['skipped'])}")
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
@@ -136,15 +147,18 @@ def read_data(args: argparse.Namespace):
 
     if args.karpathy and not args.images:
         raise UserError("--karpathy needs --images ROOT (images are ROOT/filepath/filename)")
+    skip_bad = args.skip_bad
     if args.karpathy:
-        retrieval = read_karpathy(args.karpathy, args.images, args.split)
+        retrieval = read_karpathy(args.karpathy, args.images, args.split, skip_bad)
     elif args.pairs:
-        retrieval = read_pairs(args.pairs, args.format, args.csv_separator, args.csv_img_key, args.csv_caption_key)
+        retrieval = read_pairs(args.pairs, args.format, args.csv_separator, args.csv_img_key, args.csv_caption_key,
+                               skip_bad)
     elif args.retrieval:
-        retrieval = read_retrieval_file(args.retrieval, check_images=not args.skip_bad)
+        retrieval = read_retrieval_file(args.retrieval, check_images=not skip_bad, skip_bad=skip_bad)
     else:
         retrieval = None
-    zeroshot = read_zeroshot(args.zeroshot, args.classnames, args.templates) if args.zeroshot else None
+    zeroshot = (read_zeroshot(args.zeroshot, args.classnames, args.templates, check_images=not skip_bad)
+                if args.zeroshot else None)
     return tuple(check_images(data, args.skip_bad) if data else None for data in (retrieval, zeroshot))
 
 

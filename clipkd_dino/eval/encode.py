@@ -8,7 +8,6 @@ so the trainer can call this between epochs.
 from __future__ import annotations
 
 import contextlib
-import io
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -17,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from clipkd_dino.data.samples import BadSample, load_image
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.sources import ShardMember
 from clipkd_dino.runtime import autocast
@@ -27,8 +27,8 @@ ImageRef = str | Path | ShardMember
 
 
 class ImageFiles(Dataset):
-    """Images (file paths or shard members) -> (index, transformed tensor), or (index, None) when `skip_bad` and
-    the image cannot be read; without `skip_bad` an unreadable image is a UserError naming it."""
+    """Images (file paths or shard members) -> (index, transformed tensor), or (index, skip reason) when `skip_bad`
+    and the image cannot be used (`samples.load_image`); without `skip_bad` that is a UserError naming it."""
 
     def __init__(self, images: Sequence[ImageRef], transform: Transform, skip_bad: bool = False) -> None:
         self.images = list(images)
@@ -38,16 +38,15 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         image = self.images[index]
         try:
-            source = io.BytesIO(image.read()) if isinstance(image, ShardMember) else image
-            with Image.open(source) as opened:
-                return index, self.transform(opened)
-        except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated or invalid files
+            loaded = load_image(image.read() if isinstance(image, ShardMember) else image)
+        except BadSample as bad:
             if self.skip_bad:
-                return index, None
-            raise UserError(f"cannot read image {_describe(image)}: {error} (--skip-bad drops it)") from None
+                return index, bad.reason
+            raise UserError(f"cannot read image {_describe(image)}: {bad} (--skip-bad drops it)") from None
+        return index, self.transform(loaded)
 
 
 @contextlib.contextmanager
@@ -86,8 +85,8 @@ def encode_image_set(
     num_workers: int = 0,
     skip_bad: bool = False,
     progress: bool = False,
-) -> tuple[torch.Tensor, list[int]]:
-    """(features of the readable images [N_ok, D] float32 on the CPU, indices of the unreadable ones).
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """(features of the readable images [N_ok, D] float32 on the CPU, (index, skip reason) of the unreadable ones).
 
     Without `skip_bad` the first unreadable image raises a UserError naming it, so the list is always empty.
     """
@@ -135,9 +134,10 @@ def _cpu(features: torch.Tensor) -> torch.Tensor:
     return features.float().cpu()
 
 
-def _collate_images(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch.Tensor, list[int]]:
-    tensors = [tensor for _, tensor in items if tensor is not None]
-    return (torch.stack(tensors) if tensors else torch.empty(0)), [index for index, tensor in items if tensor is None]
+def _collate_images(items: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    tensors = [item for _, item in items if isinstance(item, torch.Tensor)]
+    bad = [(index, item) for index, item in items if isinstance(item, str)]
+    return (torch.stack(tensors) if tensors else torch.empty(0)), bad
 
 
 def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterable:

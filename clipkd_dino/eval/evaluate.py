@@ -9,6 +9,8 @@ from typing import Sequence
 
 import torch
 
+from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
+from clipkd_dino.data.samples import IMAGE_REASONS
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.cache import EmbeddingCache, weights_digest
 from clipkd_dino.eval.encode import Tokenizer, Transform, encode_image_set, encode_texts, model_device
@@ -43,22 +45,26 @@ class Encoder:
     def weights(self) -> str:
         return weights_digest(self.model)
 
-    def images(self, images: Sequence, skip_bad: bool = False) -> tuple[torch.Tensor, list[int]]:
-        """(features of the readable images, indices of the unreadable ones: a UserError unless `skip_bad`)."""
+    def images(self, images: Sequence, skip_bad: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
+        """(features of the readable images, {index: skip reason} of the unreadable ones: a UserError unless
+        `skip_bad`)."""
 
         def compute() -> dict[str, torch.Tensor]:
             features, bad = encode_image_set(self.model, images, self.transform, self.device, self.precision,
                                              self.batch_size, self.num_workers, skip_bad, self.progress)
-            return {"features": features, "bad": torch.tensor(bad, dtype=torch.long)}
+            return {"features": features, "bad": torch.tensor([index for index, _ in bad], dtype=torch.long),
+                    "bad_reason": torch.tensor([IMAGE_REASONS.index(reason) for _, reason in bad], dtype=torch.long)}
 
         def key() -> dict[str, str]:
             return {"kind": "images", "weights": self.weights, "data": files_digest(images),
-                    "preprocess": repr(self.transform), "precision": self.precision}
+                    "preprocess": repr(self.transform), "precision": self.precision,
+                    "skip_reasons": "1"}  # entries written before skip reasons were stored lack "bad_reason"
 
         entry = self.cache.get(key, compute)
-        bad = entry["bad"].tolist()
+        bad = {index: IMAGE_REASONS[code] for index, code in zip(entry["bad"].tolist(), entry["bad_reason"].tolist())}
         if bad and not skip_bad:  # cached by an earlier --skip-bad run
-            raise UserError(f"cannot read image {images[bad[0]]} ({len(bad)} unreadable; --skip-bad drops them)")
+            first = next(iter(bad))
+            raise UserError(f"cannot read image {images[first]} ({len(bad)} unreadable; --skip-bad drops them)")
         return entry["features"], bad
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -88,18 +94,22 @@ def evaluate_model(
     search: str = "torch",
     skip_bad: bool = False,
     progress: bool = False,
+    max_bad_fraction: float | None = None,
 ) -> dict:
     """Retrieval (both protocols) and/or zero-shot metrics of `model`, only the parts requested.
 
     `retrieval` is a retrieval JSONL file or any `RetrievalSet` (see `sources.py`), `zeroshot` a zero-shot directory
     or any `ZeroShotSet`; pass the read sets to avoid re-reading them at every call. `device` defaults to the
     model's. `cache` is an embedding-cache folder (None: no cache; `model_name` then tells tokenizers apart),
-    `search` the retrieval backend (torch, faiss, auto), `skip_bad` drops unreadable images (and their captions).
-    Returns {"retrieval": {"file", "format", "digest", "any_caption": {...}, "one_to_one": {...}, "num_images",
-    "num_captions", "skipped_images", "skipped_captions", "skipped_files"},
-    "zeroshot": {"dir", "digest", "top1", "top5", "num_samples", "num_classes", "num_templates", "skipped_images",
-    "skipped_files"}}, counts after skipping, the digests those of the data actually scored.
+    `search` the retrieval backend (torch, faiss, auto), `skip_bad` drops unreadable images (and their captions);
+    with `max_bad_fraction`, a data set of which more than that fraction was skipped (by its readers or here) is a
+    TooManyBadSamples error. Returns {"retrieval": {"file", "format", "digest", "any_caption": {...},
+    "one_to_one": {...}, "num_images", "num_captions", "skipped_images", "skipped_captions", "skipped_files",
+    "skipped"}, "zeroshot": {"dir", "digest", "top1", "top5", "num_samples", "num_classes", "num_templates",
+    "skipped_images", "skipped_files", "skipped"}}, counts after skipping, "skipped" the faults skipped per reason
+    (docs/reliability.md), the digests those of the data actually scored.
     """
+    check_max_bad_fraction(max_bad_fraction, "--max-bad-fraction")
     device = torch.device(device) if device is not None else model_device(model)
     if isinstance(retrieval, (str, Path)):
         retrieval = read_retrieval_file(retrieval)
@@ -110,15 +120,22 @@ def evaluate_model(
                       EmbeddingCache(cache), model_name, progress)
     results = {}
     if retrieval is not None:
-        results["retrieval"] = _retrieval(encoder, retrieval, skip_bad, backend)
+        results["retrieval"] = _retrieval(encoder, retrieval, skip_bad, backend, max_bad_fraction)
     if zeroshot is not None:
-        results["zeroshot"] = _zeroshot(encoder, zeroshot, skip_bad)
+        results["zeroshot"] = _zeroshot(encoder, zeroshot, skip_bad, max_bad_fraction)
     return results
 
 
-def _retrieval(encoder: Encoder, data: RetrievalSet, skip_bad: bool, backend: str) -> dict:
+def _judge(data: RetrievalSet | ZeroShotSet, where: Path, limit: float | None) -> None:
+    """The max_bad_fraction stop over a whole data set: its skipped faults among them plus the images kept."""
+    skipped = sum(data.problems.values())
+    enforce_bad_fraction(data.problems, len(data.images) + skipped, limit, str(where), final=True)
+
+
+def _retrieval(encoder: Encoder, data: RetrievalSet, skip_bad: bool, backend: str, limit: float | None) -> dict:
     images, bad = encoder.images(data.images, skip_bad)
     data = data.without(bad)
+    _judge(data, data.path, limit)
     texts = encoder.texts(data.captions)
     if backend == "torch":
         images = images.to(encoder.device)
@@ -133,13 +150,15 @@ def _retrieval(encoder: Encoder, data: RetrievalSet, skip_bad: bool, backend: st
         "skipped_images": len(data.skipped),
         "skipped_captions": data.skipped_captions,
         "skipped_files": list(data.skipped),
+        "skipped": dict(sorted(data.problems.items())),
     }
 
 
-def _zeroshot(encoder: Encoder, data: ZeroShotSet, skip_bad: bool) -> dict:
+def _zeroshot(encoder: Encoder, data: ZeroShotSet, skip_bad: bool, limit: float | None) -> dict:
     classifier = classifier_from_features(encoder.texts(prompts(data.classnames, data.templates)), len(data.classnames))
     images, bad = encoder.images(data.images, skip_bad)
     data = data.without(bad)
+    _judge(data, data.root, limit)
     return {
         "dir": str(data.root),
         "digest": content_digest(data.image_ids, data.labels, data.classnames, data.templates),
@@ -148,4 +167,5 @@ def _zeroshot(encoder: Encoder, data: ZeroShotSet, skip_bad: bool) -> dict:
         "num_templates": len(data.templates),
         "skipped_images": len(data.skipped),
         "skipped_files": list(data.skipped),
+        "skipped": dict(sorted(data.problems.items())),
     }

@@ -18,9 +18,10 @@ included: if the search cuts a tie, at least max(K) wrong items score >= the bes
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.search import GALLERY_CHUNK, QUERY_CHUNK, top_k
+from clipkd_dino.eval.skips import skip_or_raise
 
 ANY_CAPTION = "any_caption"
 ONE_TO_ONE = "one_to_one"
@@ -48,7 +50,8 @@ class RetrievalSet:
 
     `images` are what the encoder opens (file paths or shard members), `image_ids` their portable names (the path
     as written in the data file, or the sample key) that the data set's digest covers. `skipped` names the images
-    dropped by `without` (unreadable ones under --skip-bad), `skipped_captions` counts their captions.
+    dropped by `without` (unreadable ones under --skip-bad), `skipped_captions` counts their captions, `problems`
+    counts every fault skipped, by reason (also those found while reading, which name no image).
     """
 
     path: Path
@@ -59,10 +62,11 @@ class RetrievalSet:
     format: str = "jsonl"
     skipped: tuple[str, ...] = ()
     skipped_captions: int = 0
+    problems: dict[str, int] = field(default_factory=dict)
 
-    def without(self, drop: Sequence[int]) -> "RetrievalSet":
-        """The set without the images at indices `drop` and their captions (recorded as skipped)."""
-        drop = set(drop)
+    def without(self, drop: Mapping[int, str]) -> "RetrievalSet":
+        """The set without the images at the indices of `drop` and their captions (recorded as skipped under the
+        reason each index maps to)."""
         keep = [index for index in range(len(self.images)) if index not in drop]
         new_index = {old: new for new, old in enumerate(keep)}
         captions = [j for j, owner in enumerate(self.text_to_image) if owner in new_index]
@@ -74,6 +78,7 @@ class RetrievalSet:
             text_to_image=[new_index[self.text_to_image[j]] for j in captions],
             skipped=self.skipped + tuple(self.image_ids[i] for i in sorted(drop)),
             skipped_captions=self.skipped_captions + len(self.captions) - len(captions),
+            problems=dict(Counter(self.problems) + Counter(drop.values())),
         )
 
 
@@ -144,11 +149,12 @@ def first_captions(text_to_image: Sequence[int], num_images: int) -> list[int]:
     return [first[image] for image in range(num_images)]
 
 
-def read_retrieval_file(path: str | Path, check_images: bool = True) -> RetrievalSet:
+def read_retrieval_file(path: str | Path, check_images: bool = True, skip_bad: bool = False) -> RetrievalSet:
     """Read a JSONL file, one image per line: {"image": relative/path.png, "captions": [str, ...], ...}.
 
     Image paths are relative to the file. Raises a one-line UserError naming the file (and line) on any problem,
-    a missing image file included unless `check_images` is False (then the encoder meets it).
+    a missing image file included unless `check_images` is False (then the encoder meets it). With `skip_bad` a
+    line that is not UTF-8 (`invalid_utf8`) or has an empty caption list (`missing_caption`) is skipped and counted.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,17 +162,29 @@ def read_retrieval_file(path: str | Path, check_images: bool = True) -> Retrieva
     names: list[str] = []
     captions: list[str] = []
     owner: list[int] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    problems: Counter = Counter()
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                skip_or_raise(problems, "invalid_utf8", f"{where}: not UTF-8", skip_bad)
+                continue
             if not line.strip():
                 continue
-            name, image_captions = _parse_line(line, f"{path}:{number}", path.parent, check_images)
+            name, image_captions = _parse_line(line, where, path.parent, check_images)
+            if not image_captions:
+                skip_or_raise(problems, "missing_caption", f"{where}: 'captions' must be a non-empty list of strings",
+                              skip_bad)
+                continue
             owner.extend([len(names)] * len(image_captions))
             names.append(name)
             captions.extend(image_captions)
     if not names:
         raise UserError(f"{path}: no images (the file is empty)")
-    return RetrievalSet(path, [path.parent / name for name in names], captions, owner, names)
+    return RetrievalSet(path, [path.parent / name for name in names], captions, owner, names,
+                        problems=dict(problems))
 
 
 def _parse_line(line: str, where: str, root: Path, check_image: bool) -> tuple[str, list[str]]:
@@ -182,7 +200,7 @@ def _parse_line(line: str, where: str, root: Path, check_image: bool) -> tuple[s
     image, captions = record["image"], record["captions"]
     if not isinstance(image, str):
         raise UserError(f"{where}: 'image' must be a string")
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise UserError(f"{where}: 'captions' must be a non-empty list of strings")
     if check_image and not (root / image).is_file():
         raise UserError(f"{where}: image file not found: {root / image}")

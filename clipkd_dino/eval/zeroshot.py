@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ WNID = re.compile(r"n\d{8}")
 
 @dataclass(frozen=True)
 class ZeroShotSet:
-    """A zero-shot data set, read: class names, templates, image paths (absolute) and their labels."""
+    """A zero-shot data set, read: class names, templates, image paths (absolute) and their labels; `skipped` names
+    the images dropped by `without`, `problems` counts them by reason."""
 
     root: Path
     classnames: list[str]
@@ -46,14 +48,16 @@ class ZeroShotSet:
     labels: list[int]
     image_ids: list[str]
     skipped: tuple[str, ...] = ()
+    problems: dict[str, int] = field(default_factory=dict)
 
-    def without(self, drop: Sequence[int]) -> "ZeroShotSet":
-        """The set without the images at indices `drop` (recorded as skipped)."""
-        drop = set(drop)
+    def without(self, drop: Mapping[int, str]) -> "ZeroShotSet":
+        """The set without the images at the indices of `drop` (recorded as skipped under the reason each index
+        maps to)."""
         keep = [index for index in range(len(self.images)) if index not in drop]
         return replace(self, images=[self.images[i] for i in keep], labels=[self.labels[i] for i in keep],
                        image_ids=[self.image_ids[i] for i in keep],
-                       skipped=self.skipped + tuple(self.image_ids[i] for i in sorted(drop)))
+                       skipped=self.skipped + tuple(self.image_ids[i] for i in sorted(drop)),
+                       problems=dict(Counter(self.problems) + Counter(drop.values())))
 
 
 def zeroshot_classifier(
@@ -101,23 +105,24 @@ def zeroshot_accuracy(
     }
 
 
-def read_zeroshot_dir(root: str | Path) -> ZeroShotSet:
-    """Read a zero-shot data set directory; a one-line UserError names the file (and line) on any problem."""
+def read_zeroshot_dir(root: str | Path, check_images: bool = True) -> ZeroShotSet:
+    """Read a zero-shot data set directory; a one-line UserError names the file (and line) on any problem, a missing
+    image file included unless `check_images` is False (then `sources.check_images` meets it)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"zero-shot directory not found: {root}")
     classnames = _read_string_list(root / "classnames.json")
     templates = read_templates(root / "templates.json")
-    names, labels = _read_samples(root / "samples.csv", len(classnames))
+    names, labels = _read_samples(root / "samples.csv", len(classnames), check_images)
     return ZeroShotSet(root, classnames, templates, [root / name for name in names], labels, names)
 
 
 def read_zeroshot(root: str | Path, classnames: str | Path | None = None,
-                  templates: str | Path | None = None) -> ZeroShotSet:
+                  templates: str | Path | None = None, check_images: bool = True) -> ZeroShotSet:
     """Our directory (with `samples.csv`) or an image folder; `classnames` / `templates` files override either's."""
     root = Path(root)
     if (root / "samples.csv").is_file():
-        data = read_zeroshot_dir(root)
+        data = read_zeroshot_dir(root, check_images)
     else:
         data = read_image_folder(root)
     if classnames:
@@ -186,7 +191,7 @@ def _read_string_list(path: Path) -> list[str]:
     return value
 
 
-def _read_samples(path: Path, num_classes: int) -> tuple[list[str], list[int]]:
+def _read_samples(path: Path, num_classes: int, check_images: bool) -> tuple[list[str], list[int]]:
     if not path.is_file():
         raise UserError(f"file not found: {path}")
     images, labels = [], []
@@ -197,17 +202,17 @@ def _read_samples(path: Path, num_classes: int) -> tuple[list[str], list[int]]:
             raise UserError(f"{path}:1: header lacks column(s) {sorted(missing)} (expected 'filepath<TAB>label')")
         for row in reader:
             where = f"{path}:{reader.line_num}"
-            images.append(_sample_image(row["filepath"], path.parent, where))
+            images.append(_sample_image(row["filepath"], path.parent, where, check_images))
             labels.append(_sample_label(row["label"], num_classes, where))
     if not images:
         raise UserError(f"{path}: no samples")
     return images, labels
 
 
-def _sample_image(filepath: str | None, root: Path, where: str) -> str:
+def _sample_image(filepath: str | None, root: Path, where: str, check_image: bool) -> str:
     if not filepath:
         raise UserError(f"{where}: empty filepath")
-    if not (root / filepath).is_file():
+    if check_image and not (root / filepath).is_file():
         raise UserError(f"{where}: image file not found: {root / filepath}")
     return filepath
 

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--csv-separator", default="\t")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
+    parser.add_argument("--max-bad-fraction", type=float, metavar="F",
+                        help="stop once more than this fraction of the samples seen were bad (missing, empty or "
+                             "corrupt images, samples without a caption, broken shards; default: never)")
     parser.set_defaults(func=run)
     commands = parser.add_subparsers(dest="label_command", metavar="stats", required=False)
     stats = commands.add_parser("stats", help="histogram, distributions, precision against ground truth, a plot")
@@ -60,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipkd_dino.data.faults import format_skipped
     from clipkd_dino.errors import UserError
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
@@ -73,11 +77,11 @@ def run(args: argparse.Namespace) -> int:
         cache_dtype=args.cache_dtype, crop_scale=list(args.crop_scale), hflip=args.hflip, seed=args.seed,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         search=args.search, data_format=args.data_format, csv_separator=args.csv_separator,
-        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key)
+        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, max_bad_fraction=args.max_bad_fraction)
     summary = label_dataset(settings)
     if summary:
         print(f"labelled {summary['labelled']} of {summary['samples']} images into {summary['classes']} classes "
-              f"({summary['images_per_second']} images/s); skipped: {summary['skipped'] or 'none'}; "
+              f"({summary['images_per_second']} images/s); {format_skipped(summary['skipped'])}; "
               f"outputs in {args.out}")
     return 0
 

@@ -11,13 +11,15 @@ Outputs in OUT (see `labels.py` for the reader):
                               score, margin, and truth (the objects' kinds, when the data's metadata has them)
     class_means.safetensors   image / text means [C, D] and counts; class_means.json: names and every setting
     cache/                    the teacher-embedding cache (`--cache-views K`), see `cache.py`
-    summary.json              counts, skipped samples per reason, timings
+    summary.json              counts, skipped samples per reason (docs/reliability.md), timings
+
+A sample that cannot be used (see `clipkd_dino.data.samples`) is skipped and counted per reason; with
+`max_bad_fraction` the pass stops (TooManyBadSamples) once more than that fraction of the samples seen were bad.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import time
@@ -27,11 +29,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipkd_dino.data.samples import SampleRef, Unit, list_units, read_sample, unit_samples
+from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
+from clipkd_dino.data.samples import BadSample, SampleRef, Unit, list_units, load_image, read_sample, unit_samples
 from clipkd_dino.data.views import ViewSpec, view_spec
 from clipkd_dino.errors import UserError
 from clipkd_dino.files import write_atomic, write_json_atomic
@@ -73,6 +75,7 @@ class LabelSettings:
     csv_separator: str = "\t"
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
+    max_bad_fraction: float | None = None  # stop once more than this fraction of the samples seen were bad
 
 
 def read_templates(path: str | None) -> list[str]:
@@ -103,6 +106,7 @@ def check_settings(settings: LabelSettings) -> None:
         raise UserError(f"--concepts: concept pool not found: {settings.concepts}")
     check_sources(settings.data, settings.data_format, key="--data")
     read_templates(settings.templates)
+    check_max_bad_fraction(settings.max_bad_fraction, "--max-bad-fraction")
     checks = [
         (settings.top_k is None or settings.top_k >= 1, "--top-k must be >= 1"),
         (settings.min_images >= 0, "--min-images must be >= 0"),
@@ -144,17 +148,15 @@ class _UnitSamples(Dataset):
         raw = read_sample(path, ref)
         item = {"unit": number, "key": raw.key, "captions": raw.captions, "truth": _truth(raw.metadata),
                 "problem": raw.problem}
-        if raw.problem == "missing_member":
+        if raw.problem:
             return item
         try:
-            with Image.open(io.BytesIO(raw.image) if isinstance(raw.image, bytes) else raw.image) as image:
-                image.load()
-                item["pixels"] = self.eval_transform(image)
-                item["views"] = [self.views(image, raw.key, k) for k in range(self.num_views)]
-        except FileNotFoundError:
-            item["problem"] = "missing_image"
-        except (OSError, ValueError, SyntaxError):
-            item["problem"] = "bad_image"
+            image = load_image(raw.image)
+        except BadSample as bad:
+            item["problem"] = bad.reason
+            return item
+        item["pixels"] = self.eval_transform(image)
+        item["views"] = [self.views(image, raw.key, k) for k in range(self.num_views)]
         return item
 
 
@@ -210,18 +212,14 @@ class LabelPass:
         from clipkd_dino.concepts.pool import ConceptPool
         from clipkd_dino.eval.zeroshot import zeroshot_classifier
         from clipkd_dino.models import create_model, get_tokenizer, image_transforms
-        from clipkd_dino.runtime import resolve_device
-        from clipkd_dino.train.distributed import init_distributed
+        from clipkd_dino.train.distributed import init_process
+        from clipkd_dino.train.guard import OutputLock
 
         check_settings(settings)
         self.settings, self.out = settings, Path(settings.out)
-        device = resolve_device(settings.device)
-        self.dist = init_distributed(device.type)
-        if device.type == "cuda" and self.dist.enabled:
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        self.teacher = create_model(settings.teacher, settings.teacher_pretrained, device).eval()
+        self.device, self.dist = init_process(settings.device)
+        self.lock = OutputLock(self.out) if self.dist.is_main else None  # one labelling pass per output folder
+        self.teacher = create_model(settings.teacher, settings.teacher_pretrained, self.device).eval()
         self.teacher.requires_grad_(False)
         self.tokenizer = get_tokenizer(settings.teacher)
         self.eval_transform = image_transforms(self.teacher, augment=False)[1]
@@ -229,8 +227,9 @@ class LabelPass:
         pool = ConceptPool.load(Path(settings.concepts))
         self.names = pool.names()[: settings.top_k] if settings.top_k else pool.names()
         self.templates = read_templates(settings.templates)
-        self.concept_vectors = zeroshot_classifier(self.teacher, self.tokenizer, self.names, self.templates, device,
-                                                   settings.precision, settings.batch_size).T.to(device)
+        self.concept_vectors = zeroshot_classifier(self.teacher, self.tokenizer, self.names, self.templates,
+                                                   self.device, settings.precision,
+                                                   settings.batch_size).T.to(self.device)
         self.dim = self.concept_vectors.shape[1]
         self.units = list_units(settings.data, settings.data_format, settings.csv_separator, settings.csv_img_key,
                                 settings.csv_caption_key)
@@ -247,7 +246,7 @@ class LabelPass:
         }
         # Everything a part depends on: a part written under other settings is redone, not reused.
         unit_inputs = {k: v for k, v in self.provenance["settings"].items()
-                       if k not in ("out", "batch_size", "workers", "device", "min_images")}
+                       if k not in ("out", "batch_size", "workers", "device", "min_images", "max_bad_fraction")}
         self.digest = hashlib.sha256(json.dumps({**self.provenance, "settings": unit_inputs},
                                                 sort_keys=True).encode()).hexdigest()
 
@@ -266,18 +265,22 @@ class LabelPass:
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.workers,
                             collate_fn=list, pin_memory=self.device.type == "cuda")
         pending = {n: _UnitResult(unit.name, len(self.names), self.dim, self.device) for n, unit, _ in indexed}
+        skipped: Counter = Counter()  # this run's, for the progress bar and the max_bad_fraction stop
         for n, counts in indexing.items():
             pending[n].skipped.update(counts)
-        skipped = sum(sum(counts.values()) for counts in indexing.values())  # shown in the progress bar
+            skipped.update(counts)
+        seen = sum(skipped.values())
         order = [n for n, _, _ in indexed]
         progress = tqdm(total=len(dataset), unit="img", desc="labelling", disable=not self.dist.is_main,
                         dynamic_ncols=True)
         with autocast(self.device, self.settings.precision):
             for batch in loader:
                 self._label_batch(batch, pending)
-                skipped += sum(1 for item in batch if item["problem"])
+                skipped.update(item["problem"] for item in batch if item["problem"])
+                seen += len(batch)
+                enforce_bad_fraction(skipped, seen, self.settings.max_bad_fraction, f"--data {self.settings.data}")
                 progress.update(len(batch))
-                progress.set_postfix(skipped=skipped)
+                progress.set_postfix(skipped=sum(skipped.values()))
                 while order and order[0] != batch[-1]["unit"]:  # units before the current one are complete
                     pending.pop(order.pop(0)).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
         for n in order:
@@ -362,11 +365,13 @@ class LabelPass:
                 sums.counts += tensors[f"{prefix}_counts"]
             skipped.update(meta["skipped"])
             loaded.append((unit.name, tensors, meta))
+        num_samples = sum(len(meta["keys"]) for _, _, meta in loaded)
+        seen = num_samples + sum(skipped.values())
+        enforce_bad_fraction(skipped, seen, self.settings.max_bad_fraction, f"--data {self.settings.data}", final=True)
         kept = dense_classes(image_sums.counts, self.settings.min_images)
         self._write_labels(loaded, kept)
         means = ClassMeans(image_sums.means()[kept], image_sums.counts[kept], [self.names[i] for i in kept],
                            text_sums.means()[kept], text_sums.counts[kept])
-        num_samples = sum(len(meta["keys"]) for _, _, meta in loaded)
         labelled = int(means.counts.sum())
         save_class_means(self.out, means, {
             **self.provenance, "concept_index": kept.tolist(), "num_concepts_searched": len(self.names),
@@ -383,7 +388,8 @@ class LabelPass:
             })
         summary = {
             "samples": num_samples, "labelled": labelled, "unlabelled": num_samples - labelled,
-            "classes": len(kept), "concepts_searched": len(self.names), "skipped": dict(skipped),
+            "classes": len(kept), "concepts_searched": len(self.names), "skipped": dict(sorted(skipped.items())),
+            "seen": seen, "max_bad_fraction": self.settings.max_bad_fraction,
             "processes": self.dist.world_size, "seconds": round(labelled_seconds, 1),
             "images_per_second": round(num_samples / max(labelled_seconds, 1e-9), 1),
             "cache_views": self.settings.cache_views,
@@ -414,7 +420,11 @@ def label_dataset(settings: LabelSettings) -> dict:
     """Run the labelling pass (single process or one rank under torchrun); returns the summary on rank 0."""
     from clipkd_dino.train.distributed import shutdown_distributed
 
+    labelling = None
     try:
-        return LabelPass(settings).run()
+        labelling = LabelPass(settings)
+        return labelling.run()
     finally:
+        if labelling is not None and labelling.lock:
+            labelling.lock.release()
         shutdown_distributed()

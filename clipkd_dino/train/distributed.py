@@ -35,6 +35,18 @@ def init_distributed(device_type: str) -> DistInfo:
                     world_size=dist.get_world_size())
 
 
+def init_process(device_name: str) -> tuple[torch.device, DistInfo]:
+    """The device (`auto`, `cpu`, `cuda`, `cuda:N`; under torchrun on CUDA: cuda:LOCAL_RANK) and the process group."""
+    from clipkd_dino.runtime import resolve_device
+
+    device = resolve_device(device_name)
+    info = init_distributed(device.type)
+    if device.type == "cuda" and info.enabled:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    return device, info
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

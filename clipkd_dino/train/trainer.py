@@ -35,9 +35,11 @@ from clipkd_dino.eval.zeroshot import read_zeroshot_dir
 from clipkd_dino.files import write_json_atomic
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
 from clipkd_dino.models.factory import check_pretrained
-from clipkd_dino.runtime import autocast, resolve_device
-from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume, save_atomic
-from clipkd_dino.train.distributed import DistInfo, global_min, init_distributed, shutdown_distributed
+from clipkd_dino.runtime import autocast
+from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
+from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
+from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
+from clipkd_dino.train.guard import NonFiniteGuard, OutputLock, StopSignals, any_rank, save_checkpoint
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
@@ -71,12 +73,9 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.train.output_dir)
         resume_path = resolve_resume(resume, self.output_dir) if resume else None
-        device = resolve_device(config.train.device)
-        self.dist: DistInfo = init_distributed(device.type)
-        if device.type == "cuda" and self.dist.enabled:
-            device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
+        self.device, self.dist = init_process(config.train.device)
+        device = self.device
+        self.lock = OutputLock(self.output_dir) if self.dist.is_main else None
 
         torch.manual_seed(config.train.seed)
         self.model = create_model(config.model.name, config.model.pretrained, device)
@@ -105,6 +104,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
         self.position = Position()
         self.skipped: Counter = Counter()
+        self.seen = 0  # samples read, good and bad (the max_bad_fraction denominator)
+        self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
+        self.skip_update = False  # a micro-batch of this optimiser step had a non-finite loss
+        self.signals = StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
         self.log = RunLog(self.output_dir, self.dist.is_main)
@@ -114,17 +117,11 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         start = time.time()
-        metrics: dict[str, Any] = {}
         try:
-            while self.position.epoch < self.config.train.epochs:
-                self._train_epoch()
-                self.position = Position(self.position.epoch + 1, 0, self.position.step)
-                epoch = self.position.epoch
-                every = self.config.train.eval_every_epochs
-                if (every and epoch % every == 0) or epoch == self.config.train.epochs:
-                    metrics = self._evaluate()
-                self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
-                self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
+            with self.signals:
+                metrics = self._epochs()
+            enforce_bad_fraction(self.skipped, self.seen, self.config.data.max_bad_fraction, "data.train",
+                                 final=True)
             summary = {
                 "model": self.config.model.name,
                 "epochs": self.config.train.epochs,
@@ -133,6 +130,8 @@ class Trainer:
                 "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": dict(self.skipped),
+                "seen_samples": self.seen,
+                "nonfinite_steps": self.nonfinite.total,
                 "checkpoint": str(self.output_dir / "checkpoints" / f"epoch_{self.config.train.epochs}.pt"),
                 "metrics": metrics,
             }
@@ -141,7 +140,22 @@ class Trainer:
             return summary
         finally:
             self.log.close()
+            if self.lock:
+                self.lock.release()
             shutdown_distributed()
+
+    def _epochs(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        while self.position.epoch < self.config.train.epochs:
+            self._train_epoch()
+            self.position = Position(self.position.epoch + 1, 0, self.position.step)
+            epoch = self.position.epoch
+            every = self.config.train.eval_every_epochs
+            if (every and epoch % every == 0) or epoch == self.config.train.epochs:
+                metrics = self._evaluate()
+            self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
+            self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
+        return metrics
 
     def _train_epoch(self) -> None:
         cfg, pos = self.config, self.position
@@ -152,32 +166,44 @@ class Trainer:
         window_start, window_samples = time.time(), 0
         losses: dict[str, float] = {}
         self.wrapped.train()
-        for batch in batches:
-            if pos.batch >= self.steps_per_epoch * accum:
-                break
-            self.skipped.update(batch["skipped"])
-            micro = pos.batch % accum
-            if global_min(len(batch["images"]), self.device) > 0:
-                window_samples += len(batch["images"]) * self.dist.world_size
-                named = self._forward_backward(batch, sync=micro == accum - 1)
-                for name, value in named.items():
-                    losses[name] = losses.get(name, 0.0) + value / accum
-            pos.batch += 1
-            progress.update(1)
-            if micro != accum - 1:
-                continue
-            lr = self._optimizer_step()
-            if pos.step == 1 or pos.step % cfg.train.log_every_steps == 0:
-                rate = window_samples / max(time.time() - window_start, 1e-9)
-                self._log(losses, lr, rate)
-                progress.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
-                                     samples_s=f"{rate:.0f}", skipped=sum(self.skipped.values()))
-                window_start, window_samples = time.time(), 0
-            losses = {}
-            every = cfg.train.checkpoint_every_steps
-            if every and pos.step % every == 0:
-                self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
-        progress.close()
+        try:
+            for batch in batches:
+                if pos.batch >= self.steps_per_epoch * accum:
+                    break
+                self.skipped.update(batch["skipped"])
+                self.seen += len(batch["images"]) + sum(batch["skipped"].values())
+                if any_rank(bad_fraction_exceeded(self.skipped, self.seen, cfg.data.max_bad_fraction), self.device):
+                    enforce_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train", final=True)
+                    raise TooManyBadSamples("data.train: another process read more than data.max_bad_fraction bad "
+                                            "samples")
+                micro = pos.batch % accum
+                if global_min(len(batch["images"]), self.device) > 0:
+                    window_samples += len(batch["images"]) * self.dist.world_size
+                    named = self._forward_backward(batch, sync=micro == accum - 1)
+                    for name, value in named.items():
+                        losses[name] = losses.get(name, 0.0) + value / accum
+                pos.batch += 1
+                progress.update(1)
+                if micro != accum - 1:
+                    continue
+                lr = self._optimizer_step()
+                if losses and (pos.step == 1 or pos.step % cfg.train.log_every_steps == 0):
+                    rate = window_samples / max(time.time() - window_start, 1e-9)
+                    self._log(losses, lr, rate)
+                    progress.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
+                                         samples_s=f"{rate:.0f}", skipped=sum(self.skipped.values()))
+                    window_start, window_samples = time.time(), 0
+                losses = {}
+                latest = self.output_dir / "checkpoints" / "latest.pt"
+                every = cfg.train.checkpoint_every_steps
+                if every and pos.step % every == 0:
+                    self._save(latest, full=True)
+                if self.signals.requested(self.device):
+                    self._save(latest, full=True)
+                    raise self.signals.stopped(f"at step {pos.step} (epoch {pos.epoch + 1}, batch {pos.batch})",
+                                               latest)
+        finally:
+            progress.close()  # also on an error, so that its message starts a line of its own
         self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch's end
 
     def _forward_backward(self, batch: dict, sync: bool) -> dict[str, float]:
@@ -187,16 +213,24 @@ class Trainer:
         with no_sync():
             with autocast(self.device, self.config.train.precision):
                 named = self.wrapped(batch)
+            if self.nonfinite.bad_terms(named, self.device):
+                self.skip_update = True  # no backward: this optimiser step will not update the weights
+                return {}
             loss = sum(named.values())
             self.scaler.scale(loss / self.config.optim.accum_steps).backward()
         return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
 
     def _optimizer_step(self) -> float:
-        if self.config.optim.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.skip_update:  # drop this window's gradients; the step updates nothing (grads are None)
+            self.skip_update = False
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+        else:
+            if self.config.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
@@ -240,9 +274,10 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "skipped": dict(self.skipped),
+                "seen": self.seen,
                 "rng": torch.get_rng_state(),  # dropout (e.g. a dino projector's) continues as if never stopped
             }
-        save_atomic(payload, path)
+        save_checkpoint(payload, path, payload["state_dict"])
 
     def _restore(self, state: dict[str, Any]) -> None:
         if "optimizer" not in state:
@@ -255,6 +290,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped.update(state["skipped"])
+        self.seen = state.get("seen", 0)
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])

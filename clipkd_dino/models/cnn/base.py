@@ -48,3 +48,34 @@ class ResidualStage(nn.Sequential):
         for block in self:
             x, preact = block(x)
         return x, preact
+
+
+def staged_forward(stem: Tensor, layers: tuple[nn.Module, ...], head: nn.Linear) -> ClassifierOutput:
+    """The output dict of a stem followed by `ResidualStage`-like layers (each returns (output, pre-ReLU output))
+    and global pooling into `head`."""
+    stages, preacts = [stem], [stem]
+    out = stem
+    for layer in layers:
+        out, preact = layer(out)
+        stages.append(out)
+        preacts.append(preact)
+    pooled = global_pool(out)
+    return classifier_output(head(pooled), pooled, stages, preacts)
+
+
+def init_weights(model: nn.Module, linear_std: float | None = None, zero_linear_bias: bool = False) -> None:
+    """The references' initialisation: He-normal (fan-out) convolutions with zero biases, BatchNorm at identity;
+    Linear weights ~ N(0, linear_std) when given (else PyTorch's default), zero Linear biases when `linear_std`
+    or `zero_linear_bias`."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and (linear_std is not None or zero_linear_bias):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)

@@ -9,11 +9,10 @@ blocks end in a linear BN, so "preact_stages" equals "stages" (the references re
 
 from __future__ import annotations
 
-import math
 
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool, init_weights
 
 # (expansion, channels, blocks, first stride) per group; expansion None = the model's expansion ratio
 SETTINGS = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
@@ -65,15 +64,7 @@ class MobileNetV2(Classifier):
         self.conv2 = conv_bn_relu(channels, self.feature_dim, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.feature_dim, num_classes))
         self.stage_channels = stage_channels + [int(SETTINGS[g][1] * width) for g in STAGE_GROUPS]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> ClassifierOutput:
         out = self.conv1(x)

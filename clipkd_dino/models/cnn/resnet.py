@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, ResidualStage, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, ResidualStage, init_weights, staged_forward
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -54,12 +54,7 @@ class CifarResNet(Classifier):
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
         self.stage_channels = list(widths)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> ResidualStage:
@@ -67,13 +62,5 @@ class CifarResNet(Classifier):
         return ResidualStage(BasicBlock(in_planes, planes, stride), *rest)
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        stem = F.relu(self.bn1(self.conv1(x)))
-        stages, preacts = [stem], [stem]
-        out = stem
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out, preact = layer(out)
-            stages.append(out)
-            preacts.append(preact)
-        pooled = global_pool(out)
-        return classifier_output(self.fc(pooled), pooled, stages, preacts)
+        return staged_forward(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), self.fc)
 

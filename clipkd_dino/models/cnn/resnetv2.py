@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, ResidualStage, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, ResidualStage, init_weights, staged_forward
 
 EXPANSION = 4
 
@@ -59,20 +59,8 @@ class CifarResNetV2(Classifier):
         self.linear = nn.Linear(in_planes, num_classes)
         self.feature_dim = in_planes
         self.stage_channels = [64] + [EXPANSION * p for p in (64, 128, 256, 512)]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        stem = F.relu(self.bn1(self.conv1(x)))
-        stages, preacts = [stem], [stem]
-        out = stem
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            out, preact = layer(out)
-            stages.append(out)
-            preacts.append(preact)
-        pooled = global_pool(out)
-        return classifier_output(self.linear(pooled), pooled, stages, preacts)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return staged_forward(F.relu(self.bn1(self.conv1(x))), layers, self.linear)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, ResidualStage, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import (Classifier, ClassifierOutput, ResidualStage, classifier_output, global_pool,
+                                         staged_forward)
 
 STEM = 24
 
@@ -71,15 +72,7 @@ class ShuffleNetV1(Classifier):
         self.stage_channels = [STEM, *out_planes]
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        stem = F.relu(self.bn1(self.conv1(x)))
-        stages, preacts = [stem], [stem]
-        out = stem
-        for layer in (self.layer1, self.layer2, self.layer3):
-            out, preact = layer(out)
-            stages.append(out)
-            preacts.append(preact)
-        pooled = global_pool(out)
-        return classifier_output(self.linear(pooled), pooled, stages, preacts)
+        return staged_forward(F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3), self.linear)
 
 
 class ShuffleV2Block(nn.Module):

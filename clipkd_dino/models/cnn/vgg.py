@@ -8,12 +8,11 @@ only to inputs larger than CIFAR's 32 px (the references test for exactly 64 px)
 
 from __future__ import annotations
 
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool, init_weights
 
 CIFAR_SIZE = 32
 CONFIGS: dict[str, list[list[int]]] = {
@@ -44,16 +43,7 @@ class VGG(Classifier):
         self.classifier = nn.Linear(widths[-1][-1], num_classes)
         self.feature_dim = widths[-1][-1]
         self.stage_channels = [w[-1] for w in widths]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: Tensor) -> ClassifierOutput:
         pool_last = x.shape[-1] > CIFAR_SIZE

@@ -11,12 +11,11 @@ Dropout (0 in every reference configuration) is left out.
 
 from __future__ import annotations
 
-import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool
+from clipkd_dino.models.cnn.base import Classifier, ClassifierOutput, classifier_output, global_pool, init_weights
 
 
 class WideBlock(nn.Module):
@@ -73,14 +72,7 @@ class WideResNet(Classifier):
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_dim = widths[3]
         self.stage_channels = widths
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     def forward(self, x: Tensor) -> ClassifierOutput:
         f0 = self.conv1(x)

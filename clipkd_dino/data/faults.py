@@ -1,0 +1,53 @@
+"""Bad-sample accounting shared by every command that reads data: counts per reason and the `max_bad_fraction` stop.
+
+A command skips what it cannot read, counts it under a reason ("bad_image", "missing_image", "empty_caption", ...),
+reports the counts at the end and in its JSON output, and stops with `TooManyBadSamples` once more than
+`max_bad_fraction` of what it has seen was bad. The fraction is judged only after `MIN_SEEN` samples (or at the end
+of a pass over fewer), so that one bad sample among the first few does not stop a long job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping
+
+from clipkd_dino.errors import ConfigError, UserError
+
+MIN_SEEN = 100
+
+
+class TooManyBadSamples(UserError):
+    """More than the allowed fraction of the samples read so far were bad."""
+
+
+def check_max_bad_fraction(value: float | None, key: str) -> None:
+    """A ConfigError naming `key` unless `value` is None or in [0, 1]."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key} must be between 0 and 1, got {value}")
+
+
+def bad_fraction_exceeded(skipped: Mapping[str, int], seen: int, limit: float | None, final: bool = False) -> bool:
+    """sum(skipped) / seen > limit (seen counts good and bad samples), judged once `seen >= MIN_SEEN` or, on the
+    `final` call of a pass, whatever `seen` is."""
+    if limit is None or seen == 0 or (seen < MIN_SEEN and not final):
+        return False
+    return sum(skipped.values()) / seen > limit
+
+
+def enforce_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | None, what: str,
+                         final: bool = False) -> None:
+    """Raise TooManyBadSamples naming `what` (the data) when `bad_fraction_exceeded`."""
+    if not bad_fraction_exceeded(skipped, seen, limit, final):
+        return
+    bad = sum(skipped.values())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in Counter(skipped).most_common())
+    raise TooManyBadSamples(f"{what}: {bad} of {seen} samples were bad ({bad / seen:.1%} > max_bad_fraction "
+                            f"{limit:g}): {reasons}")
+
+
+def format_skipped(skipped: Mapping[str, int]) -> str:
+    """'12 skipped (bad_image 10, empty_caption 2)' or 'nothing skipped'."""
+    total = sum(skipped.values())
+    if not total:
+        return "nothing skipped"
+    return f"{total} skipped (" + ", ".join(f"{r} {c}" for r, c in Counter(skipped).most_common()) + ")"

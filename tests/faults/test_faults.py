@@ -1,0 +1,187 @@
+"""Every data-reading command on a corrupted copy of toyworld (and on real photos with real captions): it completes
+with the exact count of each planted fault, and `--max-bad-fraction` stops it in one line.
+
+The commands run through the CLI's entry point (`clipkd_dino.cli.main`, argv to exit code) in this process, as
+tests/test_eval_formats.py does: a new interpreter per run (`run_cli`) costs seconds of imports each. One test runs
+`clipkd label` as a process, to check the exit code and the one-line error a user sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipkd_dino import cli
+from conftest import REPO, SHARED, run_cli
+
+from .conftest import (CSV_CAPTION_FAULTS, CSV_FAULTS, JSONL_FAULTS, SHARD_CAPTION_FAULTS, SHARD_FAULTS, Planted,
+                       garbled_jpeg, plant_csv, truncated)
+
+TEACHER = ["--teacher", "toy-teacher", "--teacher-pretrained", str(REPO / "assets" / "toy_teacher.pt")]
+EVAL_MODEL = ["--model", "toy-teacher", "--pretrained", str(REPO / "assets" / "toy_teacher.pt")]
+COCO_CAPTIONS = SHARED / "data" / "coco" / "captions_val2017.json"
+
+
+def assert_stopped(result, command: str) -> None:
+    """Exit 2 and a one-line error (after any progress bar) naming the fraction."""
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith(f"clipkd {command}: error: ") and "max_bad_fraction" in last, result.stderr[-2000:]
+
+
+def clipkd(*args: str) -> subprocess.CompletedProcess:
+    """`clipkd ARGS` in this process: its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def label_args(planted: Planted, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["label", *TEACHER, "--concepts", str(planted.pool), "--data", str(data), "--out", str(out),
+            "--templates", str(planted.templates), "--workers", "0", "--device", "cpu", *extra]
+
+
+def label(planted: Planted, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return clipkd(*label_args(planted, data, out, *extra))
+
+
+def evaluate(out: Path, *data: str) -> subprocess.CompletedProcess:
+    return clipkd("eval", *EVAL_MODEL, *data, "--out", str(out), "--workers", "0", "--device", "cpu", "--no-cache",
+                  "--search", "torch")
+
+
+# ---------------------------------------------------------------------------------------------------- concepts
+def test_concepts_build_counts_every_caption_fault(planted, tmp_path):
+    result = clipkd("concepts", "build", str(planted.csv), str(planted.shards), "--out", str(tmp_path / "pool.json"),
+                    "--min-count", "1", "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.loads((tmp_path / "pool.json").read_text())["stats"]
+    assert stats["skipped"] == dict(Counter(CSV_CAPTION_FAULTS) + Counter(SHARD_CAPTION_FAULTS))
+    assert "skipped: empty 1, invalid_utf8 2, missing_caption 1, empty_file 1, not_a_tar 1, truncated_shard 1" in (
+        result.stderr)
+
+
+def test_concepts_build_stops_past_max_bad_fraction(planted, tmp_path):
+    result = clipkd("concepts", "build", str(planted.csv), "--out", str(tmp_path / "pool.json"), "--no-progress",
+                    "--max-bad-fraction", "0.1")
+    assert_stopped(result, "concepts")
+    assert "2 of 16 samples were bad" in result.stderr and not (tmp_path / "pool.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- label
+@pytest.mark.parametrize("source", ["csv", "shards"])
+def test_label_counts_every_fault(planted, tmp_path, source):
+    data, good, faults = {"csv": (planted.csv, planted.csv_good, CSV_FAULTS),
+                          "shards": (planted.shards, planted.shards_good, SHARD_FAULTS)}[source]
+    result = label(planted, data, tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["skipped"] == faults and summary["samples"] == good
+    assert summary["seen"] == good + sum(faults.values())
+    assert f"{sum(faults.values())} skipped (" in result.stdout
+
+
+def test_label_stops_past_max_bad_fraction(planted, tmp_path):
+    result = run_cli(*label_args(planted, planted.csv, tmp_path / "out", "--max-bad-fraction", "0.25"))
+    assert_stopped(result, "label")
+    assert "6 of 16 samples were bad" in result.stderr and not (tmp_path / "out" / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+@pytest.mark.parametrize("source", ["csv", "shards", "jsonl"])
+def test_eval_skip_bad_counts_every_fault(planted, tmp_path, source):
+    option, data, good, faults = {"csv": ("--pairs", planted.csv, planted.csv_good, CSV_FAULTS),
+                                  "shards": ("--pairs", planted.shards, planted.shards_good, SHARD_FAULTS),
+                                  "jsonl": ("--retrieval", planted.jsonl, planted.jsonl_good, JSONL_FAULTS)}[source]
+    result = evaluate(tmp_path / "m.json", option, str(data), "--skip-bad")
+    assert result.returncode == 0, result.stderr[-2000:]
+    retrieval = json.loads((tmp_path / "m.json").read_text())["retrieval"]
+    assert retrieval["skipped"] == faults and retrieval["num_images"] == good
+    assert f"retrieval: {sum(faults.values())} skipped (" in result.stdout
+
+
+def test_eval_without_skip_bad_names_the_first_fault(planted, tmp_path):
+    result = evaluate(tmp_path / "m.json", "--pairs", str(planted.shards))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "shard-1.tar: sample" in result.stderr and "--skip-bad" in result.stderr
+
+
+def test_eval_stops_past_max_bad_fraction(planted, tmp_path):
+    result = evaluate(tmp_path / "m.json", "--pairs", str(planted.csv), "--skip-bad", "--max-bad-fraction", "0.2")
+    assert_stopped(result, "eval")
+    assert "6 of 16 samples were bad" in result.stderr
+    result = evaluate(tmp_path / "m.json", "--pairs", str(planted.csv), "--max-bad-fraction", "0.2")
+    assert result.returncode == 2 and "needs --skip-bad" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------- cls
+def test_cls_image_folder_skips_and_counts_bad_images(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from clipkd_dino.cls.data import build_data, collate_classification
+
+    png = _png((90, 30, 200))
+    for split in ("train", "val"):
+        for kind in ("cat", "dog"):
+            for index in range(3):
+                (tmp_path / split / kind).mkdir(parents=True, exist_ok=True)
+                (tmp_path / split / kind / f"{index}.png").write_bytes(png)
+        (tmp_path / split / "cat" / "empty.png").write_bytes(b"")
+        (tmp_path / split / "dog" / "truncated.png").write_bytes(truncated(png))
+        (tmp_path / split / "dog" / "garbled.jpg").write_bytes(garbled_jpeg(png))
+    data = build_data("imagenet", str(tmp_path))
+    for dataset in (data.train, data.train_plain, data.val):
+        skipped, targets = Counter(), []
+        for images, labels, bad in DataLoader(dataset, batch_size=4, collate_fn=collate_classification):
+            assert images.shape[1:] == (3, 224, 224) or not len(labels)
+            assert len(images) == len(labels)
+            skipped.update(bad)
+            targets += labels.tolist()
+        assert skipped == {"empty_file": 1, "bad_image": 2} and sorted(targets) == [0, 0, 0, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- real photos
+@pytest.fixture(scope="module")
+def real_csv(tmp_path_factory) -> tuple[Path, int]:
+    """Crops of scikit-learn's two photos captioned with COCO captions, with the faults of CSV_FAULTS planted."""
+    if not COCO_CAPTIONS.is_file():
+        pytest.skip(f"shared COCO captions not available: {COCO_CAPTIONS}")
+    import sklearn.datasets
+
+    photos = Path(sklearn.datasets.__file__).parent / "images"
+    annotations = json.loads(COCO_CAPTIONS.read_text())["annotations"]
+    captions = [annotation["caption"].strip() for annotation in annotations[:8]]
+    crops = []
+    for photo in ("china.jpg", "flower.jpg"):
+        with Image.open(photos / photo) as image:
+            for box in ((0, 0, 320, 240), (300, 150, 640, 427), (100, 50, 500, 400), (0, 200, 640, 427)):
+                buffer = io.BytesIO()
+                image.crop(box).resize((96, 72)).save(buffer, "JPEG")
+                crops.append(buffer.getvalue())
+    return plant_csv(tmp_path_factory.mktemp("real"), crops, captions)
+
+
+def test_real_photos_eval_and_label_count_planted_faults(real_csv, planted, tmp_path):
+    csv, good = real_csv
+    result = evaluate(tmp_path / "m.json", "--pairs", str(csv), "--skip-bad")
+    assert result.returncode == 0, result.stderr[-2000:]
+    retrieval = json.loads((tmp_path / "m.json").read_text())["retrieval"]
+    assert retrieval["skipped"] == CSV_FAULTS and retrieval["num_images"] == good
+    result = label(planted, csv, tmp_path / "labels")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "labels" / "summary.json").read_text())
+    assert summary["skipped"] == CSV_FAULTS and summary["samples"] == good
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buffer, "PNG")
+    return buffer.getvalue()
