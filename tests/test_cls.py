@@ -168,10 +168,10 @@ def test_toyworld_classification_split(toyworld_dir):
 # ------------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def digits_teacher(tmp_path_factory) -> Path:
-    """A WRN-16-2 teacher (pooled dim 128; the students have 64) trained for 3 epochs on 640 digits, via the CLI."""
+    """A WRN-16-2 teacher (pooled dim 128; the students have 64) trained for 2 epochs on 480 digits, via the CLI."""
     out = tmp_path_factory.mktemp("teacher")
     result = run_cli("cls", "train", str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"), "model.student=wrn_16_2",
-                     "train.epochs=3", "optim.milestones=[2]", "data.train_limit=640", f"train.output_dir={out}")
+                     "train.epochs=2", "optim.milestones=[1]", "data.train_limit=480", f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "checkpoints" / "best.pt"
 
@@ -185,12 +185,12 @@ def test_centers_equal_a_direct_computation(digits_teacher, tmp_path):
         out = tmp_path / str(correct_only)
         config = load_cls_config(str(REPO / "configs" / "cls" / "digits" / "student.yaml"), [
             "model.teacher=wrn_16_2", f"model.teacher_pretrained={digits_teacher}", f"centers.out={out}",
-            f"centers.correct_only={correct_only}", "data.train_limit=null"])
+            f"centers.correct_only={correct_only}", "data.train_limit=400"])
         summary = compute_centers(config)
         teacher = create_classifier("wrn_16_2", 10)
         load_classifier_weights(teacher, digits_teacher)
         teacher.eval()
-        data = build_data("digits", "")
+        data = build_data("digits", "", train_limit=400)
         images = torch.stack([data.train_plain[i][0] for i in range(len(data.train_plain))])
         labels = torch.tensor([data.train_plain[i][1] for i in range(len(data.train_plain))])
         with torch.no_grad():

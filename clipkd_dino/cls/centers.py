@@ -65,7 +65,7 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     """Compute and store the teacher's class means as `config` says; returns the sidecar's summary."""
     check_cls_config(config, for_training=False)
     device = resolve_device(config.train.device)
-    data = build_data(config.data.dataset, config.data.root)
+    data = build_data(config.data.dataset, config.data.root, config.data.train_limit, config.train.seed)
     teacher = load_teacher(config, data.num_classes, device)
     loader = DataLoader(data.train_plain, batch_size=config.train.batch_size, shuffle=False,
                         num_workers=config.data.workers, collate_fn=collate_classification)

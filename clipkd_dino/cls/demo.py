@@ -27,11 +27,12 @@ CONFIGS = REPO / "configs" / "cls" / "digits"
 class DemoScale:
     teacher_epochs: int
     student_epochs: int
-    train_limit: int  # the students' labelled images (the teacher sees the whole training split)
+    train_limit: int  # the students' labelled images
+    teacher_limit: int | None = None  # the teacher's (None: the whole training split)
 
 
 FULL = DemoScale(teacher_epochs=15, student_epochs=30, train_limit=300)
-SMOKE = DemoScale(teacher_epochs=2, student_epochs=2, train_limit=128)
+SMOKE = DemoScale(teacher_epochs=2, student_epochs=2, train_limit=128, teacher_limit=256)
 STUDENTS = {  # name -> overrides of configs/cls/digits/student.yaml
     "no teacher": ["distill.method=vanilla", "model.teacher=null"],
     "KD": [],
@@ -49,13 +50,14 @@ def run_cls_demo(out: Path, seeds: int, smoke: bool, device: str) -> Path:
     start, scale = time.time(), SMOKE if smoke else FULL
     common = [f"train.device={device}"]
     print("[demo --cls] training the teacher on the digits training split")
-    teacher = train_classifier(load_cls_config(CONFIGS / "teacher.yaml", common + [
+    teacher_data = [f"data.train_limit={'null' if scale.teacher_limit is None else scale.teacher_limit}"]
+    teacher = train_classifier(load_cls_config(CONFIGS / "teacher.yaml", common + teacher_data + [
         f"train.epochs={scale.teacher_epochs}", f"train.output_dir={out / 'teacher'}"]))
     teacher_file = out / "teacher" / "checkpoints" / "best.pt"
     student_base = common + [f"model.teacher_pretrained={teacher_file}", f"train.epochs={scale.student_epochs}",
                              f"data.train_limit={scale.train_limit}", f"distill.class_means={out / 'centers'}"]
-    centers = compute_centers(load_cls_config(CONFIGS / "student.yaml", student_base + [
-        "data.train_limit=null", f"centers.out={out / 'centers'}"]))  # over the teacher's whole training split
+    centers = compute_centers(load_cls_config(CONFIGS / "student.yaml", student_base + teacher_data + [
+        f"centers.out={out / 'centers'}"]))  # over the teacher's training images
     runs = []
     for seed in range(seeds):
         for name, overrides in STUDENTS.items():
@@ -143,7 +145,8 @@ def write_report(out: Path, context: dict[str, Any]) -> Path:
     text = f"""# clipkd demo --cls: KD and KD++ on scikit-learn's digits
 
 Data: scikit-learn's digits (1,797 real 8x8 scans of handwritten digits, resized to 32x32), a fixed 80/20 split
-per class. The teacher ({teacher['student']}) trained on the whole training split for {scale.teacher_epochs} epochs;
+per class. The teacher ({teacher['student']}) trained on {context['centers']['images']} training images for
+{scale.teacher_epochs} epochs;
 the students ({student}) see {scale.train_limit} labelled training images for {scale.student_epochs} epochs, so that
 what the teacher knows about the other images matters. {context['seeds']} seed(s) per row; the table shows the
 mean ± sample sd of the last epoch's validation top-1 (the best epoch is picked on the validation set itself, so it
