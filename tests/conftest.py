@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -28,9 +30,20 @@ def toyworld_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m clipkd_dino.cli ARGS` in a subprocess, output captured as text."""
+    """`python -m clipkd_dino.cli ARGS` in a subprocess, output captured as text. Each costs about 10 s of imports
+    (torch, torchvision, open_clip, transformers): prefer `clipkd` unless the test needs a process of its own."""
     return subprocess.run([sys.executable, "-m", "clipkd_dino.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
+
+
+def clipkd(*args: str) -> subprocess.CompletedProcess:
+    """`clipkd ARGS` in this process (the CLI's entry point, argv to exit code): exit code, stdout and stderr."""
+    from clipkd_dino import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def torchrun_cli(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -56,7 +69,7 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
 
     raw = yaml.safe_load(config.read_text())
     run_dir = Path(raw["train"]["output_dir"])
-    reference = run_cli(*command, str(config), f"train.output_dir={tmp_path / 'reference'}")
+    reference = clipkd(*command, str(config), f"train.output_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-2000:]
     latest = run_dir / "checkpoints" / "latest.pt"
     process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", *command, str(config)], cwd=REPO,
@@ -75,7 +88,7 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     killed_at = torch.load(latest, weights_only=True)
     assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
 
-    resumed = run_cli(*command, str(config), "--resume", "latest")
+    resumed = clipkd(*command, str(config), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert steps[-1] == total_steps and killed_at["step"] + 1 in steps

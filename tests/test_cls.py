@@ -14,7 +14,7 @@ import yaml
 from clipkd_dino.cls.config import METHODS, check_cls_config, load_cls_config
 from clipkd_dino.cls.data import build_data
 from clipkd_dino.errors import ConfigError, UserError
-from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli, torchrun_cli
+from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, torchrun_cli
 
 PUBLISHED = sorted((REPO / "configs" / "cls").glob("*/*.yaml"))
 ROWS = [p for p in PUBLISHED if p.parent.name in ("cifar100", "imagenet")]
@@ -121,7 +121,7 @@ def test_config_mistakes_name_the_key(tmp_path, overrides, message):
 
 
 def test_cls_cli_config_error_exits_2(tmp_path):
-    result = run_cli("cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"),
+    result = clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"),
                      "distill.method=nope", f"train.output_dir={tmp_path}")
     assert result.returncode == 2 and "distill.method" in result.stderr
 
@@ -170,7 +170,7 @@ def test_toyworld_classification_split(toyworld_dir):
 def digits_teacher(tmp_path_factory) -> Path:
     """A WRN-16-2 teacher (pooled dim 128; the students have 64) trained for 2 epochs on 480 digits, via the CLI."""
     out = tmp_path_factory.mktemp("teacher")
-    result = run_cli("cls", "train", str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"), "model.student=wrn_16_2",
+    result = clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"), "model.student=wrn_16_2",
                      "train.epochs=2", "optim.milestones=[1]", "data.train_limit=480", f"train.output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     return out / "checkpoints" / "best.pt"
@@ -226,7 +226,7 @@ def test_kdpp_student_trains_resumes_exactly_and_exports_without_projector(digit
     from clipkd_dino.models.cnn import create_classifier
 
     config = _student_config(tmp_path, digits_teacher, tmp_path / "centers")
-    assert run_cli("cls", "centers", str(config)).returncode == 0
+    assert clipkd("cls", "centers", str(config)).returncode == 0
     kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=4, total_steps=12,
                                           command=("cls", "train"), final=("last.pt", "model"))
     run = tmp_path / "run"
@@ -257,7 +257,7 @@ def test_two_process_training_under_torchrun(digits_teacher, tmp_path):
 
 @pytest.mark.slow
 def test_cls_demo_smoke(tmp_path):
-    result = run_cli("demo", "--cls", "--smoke", "--seeds", "2", "--out", str(tmp_path / "demo"), timeout=600)
+    result = clipkd("demo", "--cls", "--smoke", "--seeds", "2", "--out", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "demo" / "report.md").read_text()
     for name in ("student: KD |", "student: KD++ |", "student: no teacher |"):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import clipkd
 
 
 def test_smoke_demo_writes_the_report_and_plots(tmp_path):
-    result = run_cli("demo", "--smoke", "--data", str(tmp_path / "toyworld"), "--out", str(tmp_path / "demo"),
-                     "--device", "cpu", timeout=600)
+    result = clipkd("demo", "--smoke", "--data", str(tmp_path / "toyworld"), "--out", str(tmp_path / "demo"),
+                     "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
     report = (out / "report.md").read_text()

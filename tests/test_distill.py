@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli
+from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted
 
 TEACHER = REPO / "assets" / "toy_teacher.pt"
 
@@ -123,7 +123,7 @@ def test_cached_distillation_trains_logs_each_loss_and_resumes_to_the_same_weigh
 
 def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
     config = distill_config(tmp_path, toyworld_dir, label_dir, False)
-    result = run_cli("train", str(config), "distill.teacher_precision=bf16")
+    result = clipkd("train", str(config), "distill.teacher_precision=bf16")
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert record["loss_dino"] > 0 and record["loss_crd"] >= 0
@@ -137,5 +137,5 @@ def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
     ("distill.weights.fdd=1", "unknown config key 'distill.weights.fdd'"),
 ])
 def test_distill_config_errors_exit_2_with_one_line(tmp_path, toyworld_dir, label_dir, override, message):
-    result = run_cli("train", str(distill_config(tmp_path, toyworld_dir, label_dir, True)), override)
+    result = clipkd("train", str(distill_config(tmp_path, toyworld_dir, label_dir, True)), override)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

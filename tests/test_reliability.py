@@ -18,7 +18,7 @@ from clipkd_dino.config import load_config
 from clipkd_dino.errors import UserError
 from clipkd_dino.train.guard import OutputLock
 from clipkd_dino.train.trainer import Trainer
-from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli
+from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted
 from test_train import read_log, write_config
 
 
@@ -46,7 +46,7 @@ def test_a_stop_signal_saves_latest_and_the_run_resumes(tmp_path, toyworld_dir, 
     assert f"stopped by {signal.Signals(signal_number).name}" in message and "--resume latest" in message
     saved = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
     assert 3 <= saved["step"] < 60 and saved["batch_in_epoch"] == saved["step"] % 30
-    resumed = run_cli("train", str(config), "--resume", "latest")
+    resumed = clipkd("train", str(config), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_log(run_dir)[-1]["step"] == 60
 
@@ -127,13 +127,13 @@ def test_a_second_run_in_the_same_folder_stops_with_a_clear_error(tmp_path, toyw
     config = write_config(tmp_path, toyworld_dir)
     lock = OutputLock(tmp_path / "run")
     try:
-        result = run_cli("train", str(config))
+        result = clipkd("train", str(config))
         assert result.returncode == 2
         assert "is in use by another run" in result.stderr and str(tmp_path / "run") in result.stderr
-        cls = run_cli("cls", "train", str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"),
+        cls = clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"),
                       f"train.output_dir={tmp_path / 'run'}")
         assert cls.returncode == 2 and "is in use by another run" in cls.stderr
-        label = run_cli("label", "--teacher", "toy-teacher", "--teacher-pretrained",
+        label = clipkd("label", "--teacher", "toy-teacher", "--teacher-pretrained",
                         str(REPO / "assets" / "toy_teacher.pt"), "--concepts",
                         str(REPO / "concepts" / "coco_val2017.json"), "--data", str(toyworld_dir / "train" / "shards"),
                         "--out", str(tmp_path / "run"))
@@ -152,13 +152,13 @@ def test_max_bad_fraction_stops_training_on_too_much_bad_data(tmp_path, toyworld
     csv = tmp_path / "half_missing.csv"
     csv.write_text("\n".join([header, *broken]) + "\n")
     config = write_config(tmp_path, toyworld_dir, data={"train": str(csv)})
-    stopped = run_cli("train", str(config), "data.max_bad_fraction=0.3")
+    stopped = clipkd("train", str(config), "data.max_bad_fraction=0.3")
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("clipkd train: error: ")]
     assert stopped.returncode == 2 and len(errors) == 1, stopped.stderr[-2000:]
     assert "data.train:" in errors[0] and "max_bad_fraction 0.3" in errors[0] and "missing_image" in errors[0]
-    tolerated = run_cli("train", str(config), "data.max_bad_fraction=0.6")
+    tolerated = clipkd("train", str(config), "data.max_bad_fraction=0.6")
     assert tolerated.returncode == 0, tolerated.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_samples"] == {"missing_image": 240} and summary["seen_samples"] == 480
-    bad_value = run_cli("train", str(config), "data.max_bad_fraction=1.5")
+    bad_value = clipkd("train", str(config), "data.max_bad_fraction=1.5")
     assert bad_value.returncode == 2 and "data.max_bad_fraction" in bad_value.stderr

@@ -15,7 +15,7 @@ from clipkd_dino.teacher import TeacherCache, load_class_means, load_labels
 from clipkd_dino.teacher.cache import to_numpy, write_manifest, write_unit
 from clipkd_dino.teacher.class_means import ClassSums, dense_classes, renumber
 from clipkd_dino.teacher.search import assign_labels, nearest_concepts
-from conftest import REPO, run_cli, torchrun_cli
+from conftest import REPO, clipkd, torchrun_cli
 
 TEACHER = REPO / "assets" / "toy_teacher.pt"
 
@@ -128,12 +128,16 @@ def _kinds_pool(path: Path) -> Path:
     return path
 
 
-def _label(toyworld_dir: Path, out: Path, pool: Path, *extra: str, nproc: int = 1):
-    args = ["label", "--teacher", "toy-teacher", "--teacher-pretrained", str(TEACHER), "--concepts", str(pool),
+def _label_args(toyworld_dir: Path, out: Path, pool: Path, *extra: str) -> list[str]:
+    return ["label", "--teacher", "toy-teacher", "--teacher-pretrained", str(TEACHER), "--concepts", str(pool),
             "--data", str(toyworld_dir / "train" / "shards"), "--out", str(out),
             "--templates", str(toyworld_dir / "val" / "zeroshot" / "templates.json"), "--workers", "0",
             "--batch-size", "40", "--device", "cpu", *extra]
-    result = torchrun_cli(nproc, *args) if nproc > 1 else run_cli(*args)
+
+
+def _label(toyworld_dir: Path, out: Path, pool: Path, *extra: str, nproc: int = 1):
+    args = _label_args(toyworld_dir, out, pool, *extra)
+    result = torchrun_cli(nproc, *args) if nproc > 1 else clipkd(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -250,9 +254,42 @@ def test_a_killed_pass_resumes_without_redoing_finished_units(labelled, toyworld
     assert (relabelled.labels[relabelled.margins >= 0.05] >= 0).all()
 
 
+def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, toyworld_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from clipkd_dino.teacher.label_pass import LabelPass
+
+    out, pool = labelled
+    settings = ("--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0", "--hflip", "0.5")
+    args = _label_args(toyworld_dir, tmp_path / "out", pool, *settings, "--batch-size", "8")
+    label_batch, batches = LabelPass._label_batch, []
+
+    def sigterm_after_the_fifth(self, batch, pending):  # 40 samples: the first shard of 32, and 8 of the second
+        label_batch(self, batch, pending)
+        batches.append(len(batch))
+        if len(batches) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(LabelPass, "_label_batch", sigterm_after_the_fifth)
+    stopped = clipkd(*args)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    message = stopped.stderr.strip().splitlines()[-1]
+    assert "stopped by SIGTERM after 1 of 3 data units" in message and "run the same command again" in message
+    assert len(batches) == 5 and [p.stem for p in (tmp_path / "out" / "parts").glob("*.json")] == ["00000-train-000000"]
+    assert not (tmp_path / "out" / "labels.tsv").exists()
+    monkeypatch.undo()
+    kept = (tmp_path / "out" / "parts" / "00000-train-000000.safetensors").stat().st_mtime_ns
+    assert clipkd(*args).returncode == 0
+    assert (tmp_path / "out" / "parts" / "00000-train-000000.safetensors").stat().st_mtime_ns == kept
+    resumed, reference = load_labels(tmp_path / "out"), load_labels(out)
+    assert resumed.keys == reference.keys and torch.equal(resumed.labels, reference.labels)
+    torch.testing.assert_close(resumed.scores, reference.scores, atol=2e-6, rtol=0)
+
+
 def test_stats_report_precision_against_toyworld_truth(labelled):
     out, _ = labelled
-    result = run_cli("label", "stats", str(out))
+    result = clipkd("label", "stats", str(out))
     assert result.returncode == 0, result.stderr
     stats = json.loads((out / "stats.json").read_text())
     truth = stats["ground_truth"]
@@ -278,10 +315,10 @@ def test_csv_source_groups_captions_by_image(toyworld_dir, tmp_path):
 
 
 def test_bad_arguments_fail_in_one_line(toyworld_dir, tmp_path):
-    result = run_cli("label", "--teacher", "toy-teacher", "--concepts", str(tmp_path / "missing.json"),
+    result = clipkd("label", "--teacher", "toy-teacher", "--concepts", str(tmp_path / "missing.json"),
                      "--data", str(toyworld_dir / "train" / "shards"), "--out", str(tmp_path / "x"))
     assert result.returncode == 2 and "missing.json" in result.stderr and len(result.stderr.splitlines()) == 1
-    result = run_cli("label", "--teacher", "toy-teacher")
+    result = clipkd("label", "--teacher", "toy-teacher")
     assert result.returncode == 2 and "--concepts is required" in result.stderr
 
 

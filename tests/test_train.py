@@ -14,7 +14,7 @@ import yaml
 
 from clipkd_dino.losses import clip_loss
 from clipkd_dino.train.optim import build_optimizer, warmup_cosine_factor
-from conftest import REPO, kill_and_resume_matches_uninterrupted, run_cli, torchrun_cli
+from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, torchrun_cli
 
 
 def write_config(tmp_path: Path, toyworld_dir: Path, **sections) -> Path:
@@ -76,7 +76,7 @@ def test_warmup_then_cosine():
 def test_two_process_run_matches_one_process_with_same_global_batch(tmp_path, toyworld_dir):
     single = write_config(tmp_path / "one", toyworld_dir, train={"batch_size": 16, "epochs": 1})
     double = write_config(tmp_path / "two", toyworld_dir, train={"batch_size": 8, "epochs": 1})
-    one = run_cli("train", str(single), "train.epochs=1")
+    one = clipkd("train", str(single), "train.epochs=1")
     assert one.returncode == 0, one.stderr[-2000:]
     two = torchrun_cli(2, "train", str(double))
     assert two.returncode == 0, two.stderr[-3000:]
@@ -105,7 +105,7 @@ def test_killed_webdataset_run_resumes_and_ends_with_the_same_weights(tmp_path, 
 
 def test_checkpoint_loads_with_plain_open_clip(tmp_path, toyworld_dir):
     config = write_config(tmp_path, toyworld_dir, train={"epochs": 1})
-    result = run_cli("train", str(config), "data.train=" + str(toyworld_dir / "train" / "shards" / "train-{000000..000002}.tar"))
+    result = clipkd("train", str(config), "data.train=" + str(toyworld_dir / "train" / "shards" / "train-{000000..000002}.tar"))
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
     configs = REPO / "clipkd_dino" / "models" / "model_configs"

@@ -33,7 +33,7 @@ from clipkd_dino.cls.data import build_data, collate_classification
 from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.files import write_json_atomic
-from clipkd_dino.runtime import autocast
+from clipkd_dino.runtime import autocast, init_data_worker
 from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
 from clipkd_dino.data.pairs import SkipFirst
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
@@ -159,7 +159,7 @@ class ClsTrainer:
         return DataLoader(dataset, batch_size=self.config.train.batch_size, sampler=sampler,
                           num_workers=self.config.data.workers, generator=generator, drop_last=sampler is not None,
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          collate_fn=collate_classification)
+                          collate_fn=collate_classification, worker_init_fn=init_data_worker)
 
     def _train_epoch(self) -> None:
         cfg = self.config
@@ -202,7 +202,7 @@ class ClsTrainer:
                 if self.signals.requested(self.device):
                     latest = self._save_latest()
                     raise self.signals.stopped(f"at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})",
-                                               latest)
+                                               f"saved {latest}")
         finally:
             progress.close()  # also on an error, so that its message starts a line of its own
 

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
+from clipkd_dino.runtime import init_data_worker
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -380,6 +381,7 @@ class TrainData:
         options = {"batch_size": self.batch_size, "collate_fn": collate_pairs} | kwargs
         return DataLoader(dataset, num_workers=workers, persistent_workers=False,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                          worker_init_fn=init_data_worker,
                           generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch), **options)
 
     def _csv_loader(self, epoch: int, skip_batches: int) -> DataLoader:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from clipkd_dino.data.samples import BadSample, load_image
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.sources import ShardMember
-from clipkd_dino.runtime import autocast
+from clipkd_dino.runtime import autocast, init_data_worker
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -96,6 +96,7 @@ def encode_image_set(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=_collate_images,
+        worker_init_fn=init_data_worker,
     )
     features, bad = [], []
     with inference(model, device, precision):

@@ -41,6 +41,8 @@ from clipkd_dino.teacher import cache as cache_files
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.labels import LABELS_FILE
 from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
+from clipkd_dino.runtime import init_data_worker
+from clipkd_dino.train.guard import StopSignals
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATES = REPO / "concepts" / "prompts.json"
@@ -263,17 +265,25 @@ class LabelPass:
         indexed = [(n, unit, unit_samples(unit, indexing[n])) for n, unit in todo]
         dataset = _UnitSamples(indexed, self.eval_transform, self.views, self.settings.cache_views)
         loader = DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.workers,
-                            collate_fn=list, pin_memory=self.device.type == "cuda")
+                            collate_fn=list, pin_memory=self.device.type == "cuda", worker_init_fn=init_data_worker)
         pending = {n: _UnitResult(unit.name, len(self.names), self.dim, self.device) for n, unit, _ in indexed}
+        remaining = {n: len(refs) for n, _, refs in indexed}  # samples not yet labelled, per unit
         skipped: Counter = Counter()  # this run's, for the progress bar and the max_bad_fraction stop
         for n, counts in indexing.items():
             pending[n].skipped.update(counts)
             skipped.update(counts)
         seen = sum(skipped.values())
-        order = [n for n, _, _ in indexed]
+
+        def save_finished() -> None:
+            for n in [n for n in pending if remaining[n] == 0]:
+                pending.pop(n).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
+
+        save_finished()
         progress = tqdm(total=len(dataset), unit="img", desc="labelling", disable=not self.dist.is_main,
                         dynamic_ncols=True)
-        with autocast(self.device, self.settings.precision):
+        # A stop signal is this rank's own (ranks label different numbers of batches, so no collective per batch;
+        # torchrun forwards a SIGTERM to every rank).
+        with StopSignals() as signals, autocast(self.device, self.settings.precision):
             for batch in loader:
                 self._label_batch(batch, pending)
                 skipped.update(item["problem"] for item in batch if item["problem"])
@@ -281,10 +291,12 @@ class LabelPass:
                 enforce_bad_fraction(skipped, seen, self.settings.max_bad_fraction, f"--data {self.settings.data}")
                 progress.update(len(batch))
                 progress.set_postfix(skipped=sum(skipped.values()))
-                while order and order[0] != batch[-1]["unit"]:  # units before the current one are complete
-                    pending.pop(order.pop(0)).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
-        for n in order:
-            pending.pop(n).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
+                remaining.update((n, remaining[n] - count) for n, count in Counter(i["unit"] for i in batch).items())
+                save_finished()
+                if signals.received is not None and pending:
+                    progress.close()
+                    raise signals.stopped(f"after {len(mine) - len(pending)} of {len(mine)} data units",
+                                          f"they are kept in {parts}", "run the same command again to label the rest")
         progress.close()
         labelled = time.time() - start
         self._barrier()

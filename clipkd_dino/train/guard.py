@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from clipkd_dino.errors import RunStopped, UserError
+from clipkd_dino.runtime import STOP_SIGNALS, close_in_data_workers
 from clipkd_dino.train.checkpoint import save_atomic
 
 LOCK_FILE = ".clipkd.lock"
@@ -28,7 +29,8 @@ LOCK_FILE = ".clipkd.lock"
 
 class OutputLock:
     """An exclusive `flock` on OUTPUT_DIR/.clipkd.lock for the life of the process (released by the kernel even on
-    SIGKILL, so a killed run never leaves a stale lock)."""
+    SIGKILL, so a killed run never leaves a stale lock; DataLoader workers close their inherited copy, see
+    `runtime.init_data_worker`, so that none outlives the killed run holding it)."""
 
     def __init__(self, output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -46,8 +48,10 @@ class OutputLock:
         self.handle.truncate()
         self.handle.write(str(os.getpid()))
         self.handle.flush()
+        close_in_data_workers(self.handle)
 
     def release(self) -> None:
+        close_in_data_workers(self.handle, keep=False)
         if not self.handle.closed:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
@@ -57,7 +61,7 @@ class StopSignals:
     """Context manager: while active, SIGTERM and SIGINT only record themselves (`received`); the loop polls
     `requested()` at step boundaries. The previous handlers come back on exit."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -79,10 +83,10 @@ class StopSignals:
         """Whether any rank received a stop signal (a collective call under torch.distributed)."""
         return any_rank(self.received is not None, device)
 
-    def stopped(self, where: str, latest: Path) -> RunStopped:
+    def stopped(self, where: str, saved: str, resume: str = "continue with --resume latest") -> RunStopped:
+        """The exit (128 + signal) and its message: "stopped by SIGTERM WHERE; SAVED; RESUME"."""
         name = signal.Signals(self.received or signal.SIGTERM).name
-        return RunStopped(f"stopped by {name} {where}; saved {latest}; continue with --resume latest",
-                          128 + (self.received or signal.SIGTERM))
+        return RunStopped(f"stopped by {name} {where}; {saved}; {resume}", 128 + (self.received or signal.SIGTERM))
 
 
 class NonFiniteGuard:

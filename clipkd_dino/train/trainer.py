@@ -201,7 +201,7 @@ class Trainer:
                 if self.signals.requested(self.device):
                     self._save(latest, full=True)
                     raise self.signals.stopped(f"at step {pos.step} (epoch {pos.epoch + 1}, batch {pos.batch})",
-                                               latest)
+                                               f"saved {latest}")
         finally:
             progress.close()  # also on an error, so that its message starts a line of its own
         self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch's end

@@ -8,7 +8,6 @@ tests/test_eval_formats.py does: a new interpreter per run (`run_cli`) costs sec
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
@@ -18,8 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipkd_dino import cli
-from conftest import REPO, SHARED, run_cli
+from conftest import REPO, SHARED, clipkd, run_cli
 
 from .conftest import (CSV_CAPTION_FAULTS, CSV_FAULTS, JSONL_FAULTS, SHARD_CAPTION_FAULTS, SHARD_FAULTS, Planted,
                        garbled_jpeg, plant_csv, truncated)
@@ -34,14 +32,6 @@ def assert_stopped(result, command: str) -> None:
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2, result.stderr[-2000:]
     assert last.startswith(f"clipkd {command}: error: ") and "max_bad_fraction" in last, result.stderr[-2000:]
-
-
-def clipkd(*args: str) -> subprocess.CompletedProcess:
-    """`clipkd ARGS` in this process: its exit code, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(list(args))
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def label_args(planted: Planted, data: Path, out: Path, *extra: str) -> list[str]:
