@@ -37,11 +37,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    skipped = summary.get("skipped_samples") or {}
+    from clipkd_dino.data.faults import format_skipped
+
     lines = [
         f"trained {summary['model']}: {summary['epochs']} epochs, {summary['steps']} steps, global batch "
         f"{summary['global_batch']} on {summary['processes']} process(es) in {summary['wall_seconds']:.0f} s",
-        f"skipped samples: {sum(skipped.values())}" + (f" {skipped}" if skipped else ""),
+        f"data: {format_skipped(summary.get('skipped_samples') or {})} of {summary.get('seen_samples', 0)} samples read",
         f"checkpoint: {summary['checkpoint']}",
     ]
     if summary.get("metrics"):

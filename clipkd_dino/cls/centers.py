@@ -1,7 +1,8 @@
 """`clipkd cls centers`: the teacher's class means of its pooled penultimate features over the training set.
 
 Every training image is seen once, without augmentation. With `correct_only`, only the images the teacher classifies
-correctly count (KD++ paper, appendix B.6); a class with none of those falls back to all its images. Stored like
+correctly count (KD++ paper, appendix B.6); a class with none of those falls back to all its images. Unreadable
+images are skipped and counted per reason (`data.max_bad_fraction` applies). Stored like
 the CLIP path's class means (`class_means.safetensors` + `class_means.json`), so `distill.class_means` reads
 either, and KD++'s own centre JSON too.
 """
@@ -9,6 +10,7 @@ either, and KD++'s own centre JSON too.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from tqdm import tqdm
 
 from clipkd_dino.cls.config import ClsConfig, check_cls_config
 from clipkd_dino.cls.data import build_data, collate_classification
+from clipkd_dino.data.faults import enforce_bad_fraction
 from clipkd_dino.errors import UserError
 from clipkd_dino.runtime import autocast, resolve_device
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, load_class_means, save_class_means
@@ -36,15 +39,18 @@ def load_teacher(config: ClsConfig, num_classes: int, device: torch.device) -> n
 
 @torch.no_grad()
 def teacher_class_means(teacher: nn.Module, loader: DataLoader, num_classes: int, correct_only: bool,
-                        device: torch.device, precision: str = "fp32") -> tuple[ClassSums, list[int], float]:
+                        device: torch.device, precision: str = "fp32",
+                        skipped: Counter | None = None) -> tuple[ClassSums, list[int], float]:
     """The teacher's pooled features summed per true class, the classes that fell back, its top-1 (%).
 
     With `correct_only`, only correctly classified images count; a class without any falls back to all its images
-    (listed in the second value) rather than to a zero mean.
+    (listed in the second value) rather than to a zero mean. Unreadable images are counted per reason in `skipped`.
     """
     every, correct = ClassSums(num_classes, teacher.feature_dim, device), ClassSums(num_classes, teacher.feature_dim,
                                                                                     device)
-    for images, targets, _ in tqdm(loader, desc="class means", unit="batch", dynamic_ncols=True):
+    for images, targets, bad in tqdm(loader, desc="class means", unit="batch", dynamic_ncols=True):
+        if skipped is not None:
+            skipped.update(bad)
         if not len(targets):
             continue
         images, targets = images.to(device), targets.to(device)
@@ -69,8 +75,11 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     teacher = load_teacher(config, data.num_classes, device)
     loader = DataLoader(data.train_plain, batch_size=config.train.batch_size, shuffle=False,
                         num_workers=config.data.workers, collate_fn=collate_classification)
+    skipped: Counter = Counter()
     sums, fallback, accuracy = teacher_class_means(teacher, loader, data.num_classes, config.centers.correct_only,
-                                                   device, config.train.precision)
+                                                   device, config.train.precision, skipped)
+    enforce_bad_fraction(skipped, len(data.train_plain), config.data.max_bad_fraction, "data (training split)",
+                         final=True)
     if fallback:
         print(f"warning: the teacher classifies no training image of {len(fallback)} class(es) correctly "
               f"({', '.join(data.class_names[c] for c in fallback[:5])}...): their means use all their images",
@@ -79,7 +88,8 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     summary = {"teacher": config.model.teacher, "teacher_pretrained": config.model.teacher_pretrained,
                "dataset": config.data.dataset, "correct_only": config.centers.correct_only,
                "images": int(sums.counts.sum()), "teacher_train_top1": round(accuracy, 3),
-               "classes_with_all_images": [data.class_names[c] for c in fallback]}
+               "classes_with_all_images": [data.class_names[c] for c in fallback],
+               "skipped": dict(sorted(skipped.items())), "seen": len(data.train_plain)}
     save_class_means(out, ClassMeans(sums.means().cpu(), sums.counts.cpu(), data.class_names), summary)
     return {**summary, "out": str(out)}
 

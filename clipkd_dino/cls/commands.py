@@ -32,11 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_centers(args: argparse.Namespace) -> int:
     from clipkd_dino.cls.centers import compute_centers
+    from clipkd_dino.data.faults import format_skipped
     from clipkd_dino.cls.config import load_cls_config
 
     summary = compute_centers(load_cls_config(args.config, args.overrides))
     print(f"class means of {summary['teacher']} over {summary['images']} images "
-          f"(teacher train top-1 {summary['teacher_train_top1']:.2f}%) -> {summary['out']}")
+          f"(teacher train top-1 {summary['teacher_train_top1']:.2f}%); {format_skipped(summary['skipped'])} -> "
+          f"{summary['out']}")
     return 0
 
 
@@ -45,11 +47,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     from clipkd_dino.cls.config import load_cls_config
     from clipkd_dino.cls.trainer import train_classifier
+    from clipkd_dino.data.faults import format_skipped
 
     summary = train_classifier(load_cls_config(args.config, args.overrides), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         target = summary["published_top1"]
         print(f"{summary['method']} {summary['student']} <- {summary['teacher']}: best top-1 "
               f"{summary['best_top1']:.2f}%" + (f" (published {target:.2f}%)" if target is not None else "")
-              + f", {summary['wall_seconds']:.0f} s -> {summary['checkpoint']}")
+              + f", {summary['wall_seconds']:.0f} s; {format_skipped(summary['skipped_samples'])} -> "
+              f"{summary['checkpoint']}")
     return 0

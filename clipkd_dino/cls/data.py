@@ -27,7 +27,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from clipkd_dino.data.pairs import Skipped
-from clipkd_dino.data.samples import BadSample, load_image
+from clipkd_dino.data.faults import BadSample, load_image
 from clipkd_dino.errors import ConfigError, UserError
 
 DATASETS = ("cifar100", "imagenet", "digits", "toyworld")

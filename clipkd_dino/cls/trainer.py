@@ -34,11 +34,11 @@ from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.files import write_json_atomic
 from clipkd_dino.runtime import autocast, init_data_worker
-from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
 from clipkd_dino.data.pairs import SkipFirst
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
 from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
-from clipkd_dino.train.guard import NonFiniteGuard, OutputLock, StopSignals, any_rank, save_checkpoint
+from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
+                                     stop_on_bad_fraction)
 from clipkd_dino.train.runlog import RunLog
 
 
@@ -134,6 +134,8 @@ class ClsTrainer:
             with self.signals:
                 while self.epoch < self.config.train.epochs:
                     self._train_epoch()
+                    stop_on_bad_fraction(self.skipped, self.seen, self.config.data.max_bad_fraction,
+                                         "data (training split)", self.device, final=True)  # the end of a pass
                     self.epoch, self.batch = self.epoch + 1, 0
                     metrics = self._evaluate()
             summary = {
@@ -173,10 +175,8 @@ class ClsTrainer:
             for images, targets, skipped in progress:
                 self.skipped.update(skipped)
                 self.seen += len(targets) + sum(skipped.values())
-                limit = cfg.data.max_bad_fraction
-                if any_rank(bad_fraction_exceeded(self.skipped, self.seen, limit), self.device):
-                    enforce_bad_fraction(self.skipped, self.seen, limit, "data (training split)", final=True)
-                    raise TooManyBadSamples("data: another process read more than data.max_bad_fraction bad images")
+                stop_on_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data (training split)",
+                                     self.device)
                 if global_min(len(targets), self.device) == 0:  # a batch with no readable image on some process
                     self.batch += 1
                     continue

@@ -1,6 +1,6 @@
 """Bad-sample accounting shared by every command that reads data: counts per reason and the `max_bad_fraction` stop.
 
-A command skips what it cannot read, counts it under a reason ("bad_image", "missing_image", "empty_caption", ...),
+A command skips what it cannot read, counts it under a reason ("bad_image", "missing_image", "missing_caption", ...),
 reports the counts at the end and in its JSON output, and stops with `TooManyBadSamples` once more than
 `max_bad_fraction` of what it has seen was bad. The fraction is judged only after `MIN_SEEN` samples (or at the end
 of a pass over fewer), so that one bad sample among the first few does not stop a long job.
@@ -8,12 +8,19 @@ of a pass over fewer), so that one bad sample among the first few does not stop 
 
 from __future__ import annotations
 
+import io
+import os
+import tarfile
 from collections import Counter
+from pathlib import Path
 from typing import Mapping
+
+from PIL import Image
 
 from clipkd_dino.errors import ConfigError, UserError
 
 MIN_SEEN = 100
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, Image.DecompressionBombError)
 
 
 class TooManyBadSamples(UserError):
@@ -46,8 +53,54 @@ def enforce_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | N
 
 
 def format_skipped(skipped: Mapping[str, int]) -> str:
-    """'12 skipped (bad_image 10, empty_caption 2)' or 'nothing skipped'."""
+    """'12 skipped (bad_image 10, missing_caption 2)' or 'nothing skipped'."""
     total = sum(skipped.values())
     if not total:
         return "nothing skipped"
     return f"{total} skipped (" + ", ".join(f"{r} {c}" for r, c in Counter(skipped).most_common()) + ")"
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is its skip reason (e.g. "bad_image")."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def load_image(source: bytes | str | Path) -> Image.Image:
+    """The decoded image (bytes of a shard member, or a file path); `BadSample` with reason "missing_image",
+    "empty_file" or "bad_image" (truncated or corrupt: PIL's error is the detail) when it cannot be used."""
+    if not isinstance(source, bytes):
+        if not os.path.isfile(source):
+            raise BadSample("missing_image")
+        if os.path.getsize(source) == 0:
+            raise BadSample("empty_file")
+    elif not source:
+        raise BadSample("empty_file")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            return image
+    except _IMAGE_ERRORS as error:
+        raise BadSample("bad_image", str(error)) from None
+
+
+def shard_fault(url: str) -> str:
+    """The reason a shard that could not be read to its end is counted under: "empty_file", "not_a_tar" (also an
+    unreadable file) or "truncated_shard"."""
+    try:
+        if os.path.getsize(url) == 0:
+            return "empty_file"
+        return "truncated_shard" if tarfile.is_tarfile(url) else "not_a_tar"
+    except OSError:
+        return "not_a_tar"
+
+
+def is_utf8(text: str) -> bool:
+    """False for text read with errors="surrogateescape" from bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

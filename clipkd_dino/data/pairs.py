@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import logging
 import random
@@ -42,6 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
 from clipkd_dino.data.views import ViewSpec
+from clipkd_dino.data.faults import BadSample, is_utf8, load_image, shard_fault
 from clipkd_dino.errors import ConfigError, UserError
 from clipkd_dino.runtime import init_data_worker
 
@@ -121,19 +121,18 @@ def webdataset_num_samples(urls: list[str], configured: int | None) -> int:
     return total
 
 
-def load_pair(image: Callable[[], Image.Image], caption: str, images: PairImages, tokenizer, key: str,
-              caption_index: int, view: int) -> Pair | Skipped:
-    """The pair (image tensor, token ids, its key, caption index and view) or `Skipped(reason)`."""
+def load_pair(image: bytes | str, caption: str, images: PairImages, tokenizer, key: str, caption_index: int,
+              view: int) -> Pair | Skipped:
+    """The pair (image tensor, token ids, its key, caption index and view) of an image (encoded bytes or a file
+    path) and a caption, or `Skipped(reason)` with the reasons of `faults.load_image` and "missing_caption"."""
     caption = caption.strip()
     if not caption:
-        return Skipped("empty_caption")
+        return Skipped("missing_caption")
     try:
-        pixels = images(image(), key, view)
-    except FileNotFoundError:
-        return Skipped("missing_image")
-    except (OSError, ValueError, SyntaxError) as error:  # PIL raises these for truncated or invalid files
-        log.debug("unreadable image: %s", error)
-        return Skipped("bad_image")
+        pixels = images(load_image(image), key, view)
+    except BadSample as bad:
+        log.debug("skipping %s: %s", key, bad)
+        return Skipped(bad.reason)
     return Pair(pixels, tokenizer([caption])[0], key, caption_index, view)
 
 
@@ -153,14 +152,15 @@ class CsvPairs(Dataset):
     """Rows of an open_clip-style CSV: an image path column and a caption column.
 
     Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written; its
-    caption index counts the non-empty captions of the same image in the rows before it. The view of a row is drawn
-    from (seed, epoch, row), so a resumed epoch replays the same views.
+    caption index counts the usable captions of the same image in the rows before it (as the teacher cache orders
+    them). A row whose bytes are not UTF-8 is kept and skipped at each visit (`invalid_utf8`), like any bad sample.
+    The view of a row is drawn from (seed, epoch, row), so a resumed epoch replays the same views.
     """
 
     def __init__(self, path: str, images: PairImages, tokenizer, img_key="filepath", caption_key="title",
                  separator="\t", seed: int = 0):
         self.path, self.pair_images, self.tokenizer, self.seed, self.epoch = Path(path), images, tokenizer, seed, 0
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
             reader = csv.DictReader(handle, delimiter=separator)
             missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
             if missing:
@@ -172,11 +172,12 @@ class CsvPairs(Dataset):
         self.keys = [image for image, _ in rows]
         self.images = [str(self.path.parent / image) for image, _ in rows]
         self.captions = [caption for _, caption in rows]
+        self.utf8 = [is_utf8(image + caption) for image, caption in rows]
         seen: Counter = Counter()
         self.caption_index = []
-        for key, caption in rows:
+        for (key, caption), utf8 in zip(rows, self.utf8):
             self.caption_index.append(seen[key])
-            seen[key] += bool(caption.strip())
+            seen[key] += bool(caption.strip()) and utf8
 
     def __len__(self) -> int:
         return len(self.images)
@@ -184,8 +185,10 @@ class CsvPairs(Dataset):
     def __getitem__(self, index: int):
         digest = hashlib.sha256(f"{self.seed}\0{self.epoch}\0{index}".encode()).digest()
         view = self.pair_images.draw_view(random.Random(digest))
-        return load_pair(lambda: Image.open(self.images[index]), self.captions[index], self.pair_images,
-                         self.tokenizer, self.keys[index], self.caption_index[index], view)
+        if not self.utf8[index]:
+            return Skipped("invalid_utf8")
+        return load_pair(self.images[index], self.captions[index], self.pair_images, self.tokenizer,
+                         self.keys[index], self.caption_index[index], view)
 
 
 class SkipFirst(Sampler):
@@ -202,13 +205,6 @@ class SkipFirst(Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
-
-
-def _count_and_continue(error: Exception, counts: Counter) -> bool:
-    """Count a broken shard or tar member (of a batch this process decodes), warn, keep going."""
-    counts["bad_shard_member"] += 1
-    log.warning("skipping unreadable webdataset data: %s", error)
-    return True
 
 
 def _draws(*parts) -> random.Random:
@@ -258,7 +254,7 @@ def _decode_webdataset_sample(sample: dict, images: PairImages, tokenizer, draws
     state = torch.get_rng_state()  # the model's random transform draws from torch's generator: seed it per sample
     try:
         torch.default_generator.manual_seed(torch_seed)
-        return load_pair(lambda: Image.open(io.BytesIO(sample[image_key])), captions[index] if captions else "",
+        return load_pair(sample[image_key], captions[index] if captions else "",
                          images, tokenizer, sample["__key__"], index, view)
     finally:
         torch.set_rng_state(state)
@@ -281,32 +277,43 @@ class WebdatasetEpoch(IterableDataset):
         self.shuffle_buffer, self.seed, self.rank, self.epoch = shuffle_buffer, seed, rank, epoch
         self.skip, self.stop = skip, stop
 
-    def raw_samples(self) -> Iterator[tuple[dict, list[Exception]]]:
-        """(raw sample, errors met since the previous one), endlessly, in stream order."""
+    def raw_samples(self) -> Iterator[tuple[dict, list[tuple[str, Exception]]]]:
+        """(raw sample, (reason, error) of the shard faults met since the previous one), endlessly, in stream
+        order. Shards are read one at a time, so a fault belongs to the shard drawn last."""
         from webdataset.tariterators import tarfile_samples
 
-        errors: list[Exception] = []
+        errors: list[tuple[str, Exception]] = []
         shard_rng = _draws("shards", self.seed, self.rank, self.epoch)
         max_draws = max(1000, 20 * len(self.urls))
-        draws_without_sample = 0
+        draws_without_sample, faults = 0, 0
+        current, last_fault = "", ""
 
         def shards() -> Iterator[dict]:
-            nonlocal draws_without_sample
+            nonlocal draws_without_sample, current
             while True:
                 draws_without_sample += 1
                 if draws_without_sample > max_draws:
                     raise UserError(f"webdataset: no readable sample in {max_draws} shards drawn in a row from "
                                     f"{len(self.urls)} shards ({self.urls[0]}, ...): are they all broken?")
-                yield {"url": self.urls[shard_rng.randrange(len(self.urls))]}
+                current = self.urls[shard_rng.randrange(len(self.urls))]
+                yield {"url": current}
 
         def handler(error: Exception) -> bool:
-            errors.append(error)
+            nonlocal faults, last_fault
+            last_fault = shard_fault(current)
+            errors.append((last_fault, error))
+            faults += 1
             return True
 
         def samples() -> Iterator[dict]:
             nonlocal draws_without_sample
+            known = 0
             for sample in tarfile_samples(shards(), handler=handler):
                 draws_without_sample = 0
+                cut = faults > known and last_fault == "truncated_shard"
+                known = faults
+                if cut and not ("txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)):
+                    continue  # the sample the shard's end cut in two: part of its truncated_shard fault
                 yield sample
 
         shuffle_rng = _draws("shuffle", self.seed, self.rank, self.epoch)
@@ -331,8 +338,9 @@ class WebdatasetEpoch(IterableDataset):
                 break
             if batch not in owned:
                 continue  # not decoded: another worker's batch, or one done before a resume
-            for error in errors:
-                _count_and_continue(error, counts)
+            for reason, error in errors:
+                counts[reason] += 1
+                log.warning("skipping unreadable webdataset data (%s): %s", reason, error)
             draws = _draws(self.seed, self.rank, self.epoch, position)
             samples.append(_decode_webdataset_sample(sample, self.images, self.tokenizer, draws))
             if len(samples) == size:

@@ -14,38 +14,27 @@ Faults are counted per reason, never raised (the reasons: docs/reliability.md): 
 (`empty_file`), not a tar (`not_a_tar`) or truncated (`truncated_shard`, once per shard: the samples before the break
 are kept); a CSV row that is not UTF-8 (`invalid_utf8`, one per row: its image keeps its other rows); a sample
 without an image (`missing_image`), without a caption (`missing_caption`) or whose caption is not UTF-8
-(`invalid_utf8`); an image that is empty (`empty_file`) or cannot be decoded (`bad_image`, see `load_image`).
+(`invalid_utf8`); an image that is empty (`empty_file`) or cannot be decoded (`bad_image`, see
+`faults.load_image`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
-import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
+from clipkd_dino.data.faults import is_utf8
 from clipkd_dino.data.pairs import IMAGE_EXTENSIONS, data_format, expand_shards
 from clipkd_dino.errors import ConfigError
 
 CSV_UNIT_SIZE = 10_000
 IMAGE_REASONS = ("missing_image", "empty_file", "bad_image")
 # What PIL raises for a truncated, corrupt or over-large file (its plugins raise more than OSError).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, Image.DecompressionBombError)
-
-
-class BadSample(Exception):
-    """A sample that cannot be used; `reason` is its skip reason (e.g. "bad_image")."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -137,24 +126,6 @@ def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
     return captions, None if captions else "missing_caption"
 
 
-def load_image(source: bytes | str | Path) -> Image.Image:
-    """The decoded image (bytes of a shard member, or a file path); `BadSample` with reason "missing_image",
-    "empty_file" or "bad_image" (truncated or corrupt: PIL's error is the detail) when it cannot be used."""
-    if not isinstance(source, bytes):
-        if not os.path.isfile(source):
-            raise BadSample("missing_image")
-        if os.path.getsize(source) == 0:
-            raise BadSample("empty_file")
-    elif not source:
-        raise BadSample("empty_file")
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.load()
-            return image
-    except _IMAGE_ERRORS as error:
-        raise BadSample("bad_image", str(error)) from None
-
-
 def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
     try:
         end = Path(url).stat().st_size  # a truncated last member lies past the end of the file: dropped below
@@ -205,7 +176,7 @@ def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> lis
             raise ConfigError(f"{path}: column {missing[0]!r} not found (columns: {reader.fieldnames})")
         for row in reader:
             image, caption = row[img_key] or "", row[caption_key] or ""
-            if not _is_utf8(image + caption):
+            if not is_utf8(image + caption):
                 problems["invalid_utf8"] += 1
                 continue
             lines = captions.setdefault(image, [])
@@ -218,10 +189,3 @@ def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> lis
                  problems if start == 0 else Counter())
             for start in range(0, max(len(refs), 1), CSV_UNIT_SIZE)]
 
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

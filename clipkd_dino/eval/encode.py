@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipkd_dino.data.samples import BadSample, load_image
+from clipkd_dino.data.faults import BadSample, load_image
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.sources import ShardMember
 from clipkd_dino.runtime import autocast, init_data_worker

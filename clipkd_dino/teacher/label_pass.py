@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
-from clipkd_dino.data.samples import BadSample, SampleRef, Unit, list_units, load_image, read_sample, unit_samples
+from clipkd_dino.data.faults import BadSample, check_max_bad_fraction, enforce_bad_fraction, load_image
+from clipkd_dino.data.samples import SampleRef, Unit, list_units, read_sample, unit_samples
 from clipkd_dino.data.views import ViewSpec, view_spec
 from clipkd_dino.errors import UserError
 from clipkd_dino.files import write_atomic, write_json_atomic

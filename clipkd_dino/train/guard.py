@@ -4,6 +4,7 @@
 - `StopSignals`: SIGTERM / SIGINT ask the loop to save `latest` and stop at the next step boundary.
 - `NonFiniteGuard`: a step whose loss is not finite is skipped with a warning naming the term; a streak of them
   stops the run, so no NaN ever reaches the weights or a checkpoint.
+- `stop_on_bad_fraction`: the `max_bad_fraction` stop, agreed across ranks.
 - `save_checkpoint`: atomic, refuses non-finite weights, and turns a failed write (a full disk) into a one-line error
   that says the previous checkpoint is intact.
 All decisions are agreed across torch.distributed ranks, so every process skips or stops at the same step.
@@ -16,10 +17,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
 from clipkd_dino.errors import RunStopped, UserError
 from clipkd_dino.runtime import STOP_SIGNALS, close_in_data_workers
 from clipkd_dino.train.checkpoint import save_atomic
@@ -120,6 +122,14 @@ def save_checkpoint(payload: dict[str, Any], path: Path, weights: dict[str, torc
     except OSError as error:
         raise UserError(f"cannot write checkpoint {path}: {error.strerror or error}; the previous checkpoint there "
                         "is intact") from None
+
+
+def stop_on_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | None, what: str,
+                         device: torch.device, final: bool = False) -> None:
+    """`enforce_bad_fraction`, agreed across ranks: every process stops when any one has read too much bad data."""
+    if any_rank(bad_fraction_exceeded(skipped, seen, limit, final), device):
+        enforce_bad_fraction(skipped, seen, limit, what, final=True)
+        raise TooManyBadSamples(f"{what}: another process read more than max_bad_fraction bad samples")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

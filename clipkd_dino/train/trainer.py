@@ -36,10 +36,10 @@ from clipkd_dino.files import write_json_atomic
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
 from clipkd_dino.models.factory import check_pretrained
 from clipkd_dino.runtime import autocast
-from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
 from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
-from clipkd_dino.train.guard import NonFiniteGuard, OutputLock, StopSignals, any_rank, save_checkpoint
+from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
+                                     stop_on_bad_fraction)
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
@@ -105,6 +105,7 @@ class Trainer:
         self.position = Position()
         self.skipped: Counter = Counter()
         self.seen = 0  # samples read, good and bad (the max_bad_fraction denominator)
+        self.underfull = 0  # micro-batches not trained: fewer than two readable samples on some process
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.skip_update = False  # a micro-batch of this optimiser step had a non-finite loss
         self.signals = StopSignals()
@@ -120,8 +121,6 @@ class Trainer:
         try:
             with self.signals:
                 metrics = self._epochs()
-            enforce_bad_fraction(self.skipped, self.seen, self.config.data.max_bad_fraction, "data.train",
-                                 final=True)
             summary = {
                 "model": self.config.model.name,
                 "epochs": self.config.train.epochs,
@@ -131,6 +130,7 @@ class Trainer:
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": dict(self.skipped),
                 "seen_samples": self.seen,
+                "underfull_batches": self.underfull,
                 "nonfinite_steps": self.nonfinite.total,
                 "checkpoint": str(self.output_dir / "checkpoints" / f"epoch_{self.config.train.epochs}.pt"),
                 "metrics": metrics,
@@ -148,6 +148,8 @@ class Trainer:
         metrics: dict[str, Any] = {}
         while self.position.epoch < self.config.train.epochs:
             self._train_epoch()
+            stop_on_bad_fraction(self.skipped, self.seen, self.config.data.max_bad_fraction, "data.train",
+                                 self.device, final=True)  # the end of a pass: judged whatever was seen
             self.position = Position(self.position.epoch + 1, 0, self.position.step)
             epoch = self.position.epoch
             every = self.config.train.eval_every_epochs
@@ -172,16 +174,16 @@ class Trainer:
                     break
                 self.skipped.update(batch["skipped"])
                 self.seen += len(batch["images"]) + sum(batch["skipped"].values())
-                if any_rank(bad_fraction_exceeded(self.skipped, self.seen, cfg.data.max_bad_fraction), self.device):
-                    enforce_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train", final=True)
-                    raise TooManyBadSamples("data.train: another process read more than data.max_bad_fraction bad "
-                                            "samples")
+                stop_on_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train", self.device)
                 micro = pos.batch % accum
-                if global_min(len(batch["images"]), self.device) > 0:
+                # BatchNorm (the dino projector) and the contrastive losses need two samples
+                if global_min(len(batch["images"]), self.device) >= min(2, cfg.train.batch_size):
                     window_samples += len(batch["images"]) * self.dist.world_size
                     named = self._forward_backward(batch, sync=micro == accum - 1)
                     for name, value in named.items():
                         losses[name] = losses.get(name, 0.0) + value / accum
+                else:
+                    self.underfull += 1
                 pos.batch += 1
                 progress.update(1)
                 if micro != accum - 1:
@@ -275,6 +277,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "skipped": dict(self.skipped),
                 "seen": self.seen,
+                "underfull": self.underfull,
                 "rng": torch.get_rng_state(),  # dropout (e.g. a dino projector's) continues as if never stopped
             }
         save_checkpoint(payload, path, payload["state_dict"])
@@ -290,7 +293,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped.update(state["skipped"])
-        self.seen = state.get("seen", 0)
+        self.seen, self.underfull = state.get("seen", 0), state.get("underfull", 0)
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])

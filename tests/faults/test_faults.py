@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import REPO, SHARED, clipkd, run_cli
@@ -112,22 +113,131 @@ def test_eval_stops_past_max_bad_fraction(planted, tmp_path):
     assert result.returncode == 2 and "needs --skip-bad" in result.stderr
 
 
+# ---------------------------------------------------------------------------------------------------- train
+def train_config(tmp_path: Path, data: Path, **data_options) -> Path:
+    """A one-epoch toy-student run on `data` (batches of 4), writing to tmp_path/run."""
+    config = {"model": {"name": "toy-student"},
+              "data": {"train": str(data), "workers": 0, "augment": False, **data_options},
+              "optim": {"warmup_steps": 1, "lr": 1e-3},
+              "train": {"epochs": 1, "batch_size": 4, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                        "log_every_steps": 1, "eval_every_epochs": 0}}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def teacher_overrides(planted: Planted, data: Path, tmp_path: Path, mode: str) -> list[str]:
+    """Config overrides that distil from the toy teacher: "online", or "cached" (label with a 1-view cache)."""
+    if mode == "none":
+        return []
+    labels = tmp_path / "labels"
+    result = label(planted, data, labels, *(["--cache-views", "1"] if mode == "cached" else []))
+    assert result.returncode == 0, result.stderr[-2000:]
+    source = f"distill.cache={labels}" if mode == "cached" else f"distill.teacher_pretrained={TEACHER[-1]}"
+    return ["distill.teacher=toy-teacher", f"distill.labels={labels}", source]
+
+
+@pytest.mark.parametrize("teacher", ["none", "cached", "online"])
+def test_train_counts_every_csv_fault(planted, tmp_path, teacher):
+    overrides = teacher_overrides(planted, planted.csv, tmp_path, teacher)
+    result = clipkd("train", str(train_config(tmp_path, planted.csv)), *overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == CSV_FAULTS and summary["seen_samples"] == planted.csv_good + 6
+    if teacher != "none":
+        assert "loss_dino" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("teacher", ["none", "online"])
+def test_train_counts_every_shard_fault_at_each_visit(planted, tmp_path, teacher):
+    """Shards are drawn with replacement and read in order (no shuffle buffer), so each fault is counted once per
+    visit of its shard: shard-1's five spoiled samples (its first five) in order, the last visit maybe cut short by
+    the end of the epoch; every broken shard at least once in 200 samples."""
+    overrides = teacher_overrides(planted, planted.shards, tmp_path, teacher)
+    config = train_config(tmp_path, planted.shards, num_samples=200, shuffle_buffer=1)
+    result = clipkd("train", str(config), *overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    skipped = summary["skipped_samples"]
+    assert set(skipped) == set(SHARD_FAULTS)
+    # shard-1's samples 0, 1, 2 and 4 (sample 3's empty image shares empty_file with the empty shard-4)
+    visits = [skipped["bad_image"], skipped["missing_caption"], skipped["invalid_utf8"], skipped["missing_image"]]
+    assert visits == sorted(visits, reverse=True) and visits[0] - visits[-1] <= 1 and visits[-1] >= 1
+    assert skipped["empty_file"] >= visits[-1] and skipped["not_a_tar"] >= 1 and skipped["truncated_shard"] >= 1
+    assert summary["seen_samples"] >= 200 and f"{sum(skipped.values())} skipped" in result.stdout
+    assert summary["underfull_batches"] >= 1  # a batch left with one readable sample is not trained (BatchNorm)
+
+
+def test_train_stops_past_max_bad_fraction(planted, tmp_path):
+    result = clipkd("train", str(train_config(tmp_path, planted.csv)), "data.max_bad_fraction=0.25")
+    assert_stopped(result, "train")
+    assert "6 of 16 samples were bad" in result.stderr and not (tmp_path / "run" / "summary.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- cls
-def test_cls_image_folder_skips_and_counts_bad_images(tmp_path):
-    from torch.utils.data import DataLoader
-
-    from clipkd_dino.cls.data import build_data, collate_classification
-
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """ImageNet's layout, two classes of three good images; three bad images per split (one empty, one truncated,
+    one garbled)."""
+    root = tmp_path_factory.mktemp("image_folder")
     png = _png((90, 30, 200))
     for split in ("train", "val"):
         for kind in ("cat", "dog"):
             for index in range(3):
-                (tmp_path / split / kind).mkdir(parents=True, exist_ok=True)
-                (tmp_path / split / kind / f"{index}.png").write_bytes(png)
-        (tmp_path / split / "cat" / "empty.png").write_bytes(b"")
-        (tmp_path / split / "dog" / "truncated.png").write_bytes(truncated(png))
-        (tmp_path / split / "dog" / "garbled.jpg").write_bytes(garbled_jpeg(png))
-    data = build_data("imagenet", str(tmp_path))
+                (root / split / kind).mkdir(parents=True, exist_ok=True)
+                (root / split / kind / f"{index}.png").write_bytes(png)
+        (root / split / "cat" / "empty.png").write_bytes(b"")
+        (root / split / "dog" / "truncated.png").write_bytes(truncated(png))
+        (root / split / "dog" / "garbled.jpg").write_bytes(garbled_jpeg(png))
+    return root
+
+
+FOLDER_FAULTS = {"empty_file": 1, "bad_image": 2}
+
+
+def cls_config(tmp_path: Path, root: Path, **distill) -> Path:
+    config = {"model": {"student": "resnet8"}, "data": {"dataset": "imagenet", "root": str(root), "workers": 0},
+              "optim": {"lr": 0.01, "milestones": [5]},
+              "train": {"epochs": 2, "batch_size": 3, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                        "log_every_steps": 1},
+              "distill": {"method": "vanilla", **distill}}
+    path = tmp_path / "cls.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cls_train_and_centers_count_every_bad_image(image_folder, tmp_path):
+    """A teacher trained alone, its class means, then a KD++ student: each counts the bad images per pass."""
+    teacher = clipkd("cls", "train", str(cls_config(tmp_path / "teacher", image_folder)))
+    assert teacher.returncode == 0, teacher.stderr[-2000:]
+    summary = json.loads((tmp_path / "teacher" / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == {k: 2 * v for k, v in FOLDER_FAULTS.items()}  # two epochs
+    assert summary["seen_samples"] == 2 * 9 and "6 skipped (" in teacher.stdout
+    student = cls_config(tmp_path / "student", image_folder, method="kd", dino_weight=1.0,
+                         class_means=str(tmp_path / "centers"))
+    weights = ["model.teacher=resnet8", f"model.teacher_pretrained={tmp_path / 'teacher/run/checkpoints/best.pt'}"]
+    centers = clipkd("cls", "centers", str(student), *weights, f"centers.out={tmp_path / 'centers'}")
+    assert centers.returncode == 0, centers.stderr[-2000:]
+    written = json.loads((tmp_path / "centers" / "class_means.json").read_text())
+    assert written["skipped"] == FOLDER_FAULTS and written["images"] == 6 and "3 skipped (" in centers.stdout
+    trained = clipkd("cls", "train", str(student), *weights, "train.epochs=1")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads((tmp_path / "student" / "run" / "summary.json").read_text())["skipped_samples"] == FOLDER_FAULTS
+
+
+def test_cls_train_stops_past_max_bad_fraction(image_folder, tmp_path):
+    result = clipkd("cls", "train", str(cls_config(tmp_path, image_folder)), "data.max_bad_fraction=0.2")
+    assert_stopped(result, "cls")
+    assert "3 of 9 samples were bad" in result.stderr
+
+
+def test_cls_image_folder_skips_and_counts_bad_images(image_folder):
+    from torch.utils.data import DataLoader
+
+    from clipkd_dino.cls.data import build_data, collate_classification
+
+    data = build_data("imagenet", str(image_folder))
     for dataset in (data.train, data.train_plain, data.val):
         skipped, targets = Counter(), []
         for images, labels, bad in DataLoader(dataset, batch_size=4, collate_fn=collate_classification):
@@ -135,7 +245,7 @@ def test_cls_image_folder_skips_and_counts_bad_images(tmp_path):
             assert len(images) == len(labels)
             skipped.update(bad)
             targets += labels.tolist()
-        assert skipped == {"empty_file": 1, "bad_image": 2} and sorted(targets) == [0, 0, 0, 1, 1, 1]
+        assert skipped == FOLDER_FAULTS and sorted(targets) == [0, 0, 0, 1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- real photos
