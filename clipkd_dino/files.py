@@ -8,12 +8,21 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from clipkd_dino.errors import UserError
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(stream)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(stream)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A failed write (a full disk, an unwritable folder) removes the temporary file and raises a UserError naming
+    `path`; whatever `path` held before is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -21,6 +30,10 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}; the file there before, if any, is "
+                        "intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -119,7 +119,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, toyworld_dir
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_fills_up)
-    with pytest.raises(UserError, match="No space left on device; the previous checkpoint there is intact"):
+    with pytest.raises(UserError, match="latest.pt: No space left on device; the file there before, if any, is intact"):
         trainer.run()
     latest = tmp_path / "run" / "checkpoints" / "latest.pt"
     assert torch.load(latest, weights_only=True)["step"] == 5

@@ -287,6 +287,37 @@ def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, to
     torch.testing.assert_close(resumed.scores, reference.scores, atol=2e-6, rtol=0)
 
 
+def test_a_full_disk_keeps_the_finished_units_and_the_rerun_completes(labelled, toyworld_dir, tmp_path, monkeypatch):
+    import errno
+
+    import clipkd_dino.teacher.label_pass as label_pass
+
+    out, pool = labelled
+    args = _label_args(toyworld_dir, tmp_path / "out", pool, "--cache-views", "2", "--min-images", "3",
+                       "--crop-scale", "0.5", "1.0", "--hflip", "0.5")
+    real_write, parts = label_pass.write_atomic, []
+
+    def disk_fills_up(path, write):
+        parts.append(path.name)
+        if len(parts) < 2:
+            return real_write(path, write)
+
+        def half(stream):
+            stream.write(b"half a part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, half)
+
+    monkeypatch.setattr(label_pass, "write_atomic", disk_fills_up)
+    full = clipkd(*args)
+    assert full.returncode == 2 and len(full.stderr.strip().splitlines()[-1:]) == 1
+    assert "00001-train-000001.safetensors: No space left on device; the file there before" in full.stderr
+    written = sorted(p.name for p in (tmp_path / "out" / "parts").iterdir())
+    assert written == ["00000-train-000000.json", "00000-train-000000.safetensors"]  # no torn or temporary file
+    monkeypatch.undo()
+    assert clipkd(*args).returncode == 0
+    assert (tmp_path / "out" / "labels.tsv").read_text() == (out / "labels.tsv").read_text()
+
+
 def test_stats_report_precision_against_toyworld_truth(labelled):
     out, _ = labelled
     result = clipkd("label", "stats", str(out))

@@ -113,15 +113,11 @@ class NonFiniteGuard:
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path, weights: dict[str, torch.Tensor]) -> None:
-    """`save_atomic`, after checking `weights` are finite; a failed write is a UserError naming the file."""
+    """`save_atomic`, after checking `weights` are finite (a failed write is a UserError naming the file)."""
     bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise UserError(f"refusing to write {path}: non-finite weights in {bad[0]} ({len(bad)} tensors)")
-    try:
-        save_atomic(payload, path)
-    except OSError as error:
-        raise UserError(f"cannot write checkpoint {path}: {error.strerror or error}; the previous checkpoint there "
-                        "is intact") from None
+    save_atomic(payload, path)
 
 
 def stop_on_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | None, what: str,
