@@ -175,24 +175,30 @@ def test_train_stops_past_max_bad_fraction(planted, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- cls
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    """ImageNet's layout, two classes of three good images; three bad images per split (one empty, one truncated,
-    one garbled)."""
-    root = tmp_path_factory.mktemp("image_folder")
-    png = _png((90, 30, 200))
+FOLDER_FAULTS = {"empty_file": 1, "bad_image": 2}
+
+
+def plant_image_folder(root: Path, images: dict[str, list[bytes]]) -> Path:
+    """ImageNet's layout (train/ and val/, a folder per class) with `images` per class in each split, plus the
+    faults of FOLDER_FAULTS (an empty file, a truncated and a garbled image, made from the first image)."""
+    first = next(iter(images.values()))[0]
     for split in ("train", "val"):
-        for kind in ("cat", "dog"):
-            for index in range(3):
-                (root / split / kind).mkdir(parents=True, exist_ok=True)
-                (root / split / kind / f"{index}.png").write_bytes(png)
-        (root / split / "cat" / "empty.png").write_bytes(b"")
-        (root / split / "dog" / "truncated.png").write_bytes(truncated(png))
-        (root / split / "dog" / "garbled.jpg").write_bytes(garbled_jpeg(png))
+        for name, encoded in images.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for index, data in enumerate(encoded):
+                (root / split / name / f"{index}.{Image.open(io.BytesIO(data)).format.lower()}").write_bytes(data)
+        classes = list(images)
+        (root / split / classes[0] / "empty.png").write_bytes(b"")
+        (root / split / classes[-1] / "truncated.png").write_bytes(truncated(first))
+        (root / split / classes[-1] / "garbled.jpg").write_bytes(garbled_jpeg(first))
     return root
 
 
-FOLDER_FAULTS = {"empty_file": 1, "bad_image": 2}
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """Two classes of three good images and three bad ones per split."""
+    png = _png((90, 30, 200))
+    return plant_image_folder(tmp_path_factory.mktemp("image_folder"), {"cat": [png] * 3, "dog": [png] * 3})
 
 
 def cls_config(tmp_path: Path, root: Path, **distill) -> Path:
@@ -250,35 +256,57 @@ def test_cls_image_folder_skips_and_counts_bad_images(image_folder):
 
 # ---------------------------------------------------------------------------------------------------- real photos
 @pytest.fixture(scope="module")
-def real_csv(tmp_path_factory) -> tuple[Path, int]:
-    """Crops of scikit-learn's two photos captioned with COCO captions, with the faults of CSV_FAULTS planted."""
-    if not COCO_CAPTIONS.is_file():
-        pytest.skip(f"shared COCO captions not available: {COCO_CAPTIONS}")
+def real_crops() -> dict[str, list[bytes]]:
+    """JPEG crops of scikit-learn's two real photos (a temple in China, a flower), four of each."""
     import sklearn.datasets
 
     photos = Path(sklearn.datasets.__file__).parent / "images"
-    annotations = json.loads(COCO_CAPTIONS.read_text())["annotations"]
-    captions = [annotation["caption"].strip() for annotation in annotations[:8]]
-    crops = []
-    for photo in ("china.jpg", "flower.jpg"):
-        with Image.open(photos / photo) as image:
+    crops: dict[str, list[bytes]] = {}
+    for photo in ("china", "flower"):
+        with Image.open(photos / f"{photo}.jpg") as image:
             for box in ((0, 0, 320, 240), (300, 150, 640, 427), (100, 50, 500, 400), (0, 200, 640, 427)):
                 buffer = io.BytesIO()
                 image.crop(box).resize((96, 72)).save(buffer, "JPEG")
-                crops.append(buffer.getvalue())
-    return plant_csv(tmp_path_factory.mktemp("real"), crops, captions)
+                crops.setdefault(photo, []).append(buffer.getvalue())
+    return crops
 
 
-def test_real_photos_eval_and_label_count_planted_faults(real_csv, planted, tmp_path):
+@pytest.fixture(scope="module")
+def real_csv(real_crops, tmp_path_factory) -> tuple[Path, int]:
+    """The crops captioned with real COCO captions, with the faults of CSV_FAULTS planted."""
+    if not COCO_CAPTIONS.is_file():
+        pytest.skip(f"shared COCO captions not available: {COCO_CAPTIONS}")
+    annotations = json.loads(COCO_CAPTIONS.read_text())["annotations"]
+    captions = [annotation["caption"].strip() for annotation in annotations[:8]]
+    return plant_csv(tmp_path_factory.mktemp("real"), real_crops["china"] + real_crops["flower"], captions)
+
+
+def test_real_photos_every_csv_command_counts_planted_faults(real_csv, planted, tmp_path):
+    """concepts build, eval, label with a cache, and train distilling from that cache."""
     csv, good = real_csv
+    result = clipkd("concepts", "build", str(csv), "--out", str(tmp_path / "pool.json"), "--min-count", "1",
+                    "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "pool.json").read_text())["stats"]["skipped"] == CSV_CAPTION_FAULTS
     result = evaluate(tmp_path / "m.json", "--pairs", str(csv), "--skip-bad")
     assert result.returncode == 0, result.stderr[-2000:]
     retrieval = json.loads((tmp_path / "m.json").read_text())["retrieval"]
     assert retrieval["skipped"] == CSV_FAULTS and retrieval["num_images"] == good
-    result = label(planted, csv, tmp_path / "labels")
-    assert result.returncode == 0, result.stderr[-2000:]
+    overrides = teacher_overrides(planted, csv, tmp_path, "cached")
     summary = json.loads((tmp_path / "labels" / "summary.json").read_text())
     assert summary["skipped"] == CSV_FAULTS and summary["samples"] == good
+    result = clipkd("train", str(train_config(tmp_path, csv)), *overrides, "train.batch_size=2")  # 14 rows
+    assert result.returncode == 0, result.stderr[-2000:]
+    trained = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert trained["skipped_samples"] == CSV_FAULTS and trained["seen_samples"] == good + 6
+
+
+def test_real_photos_cls_train_counts_planted_faults(real_crops, tmp_path):
+    folder = plant_image_folder(tmp_path / "folder", {name: crops[:3] for name, crops in real_crops.items()})
+    result = clipkd("cls", "train", str(cls_config(tmp_path, folder)), "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == FOLDER_FAULTS and summary["seen_samples"] == 9
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
