@@ -49,3 +49,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint", safe_globals: tuple = (), mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU. A file that cannot be read is a one-line UserError naming
+    it; a pickle holding anything but tensors, containers and `safe_globals` is refused, since loading it could
+    run code."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:  # unpickling and zip errors alike mean: not a checkpoint we can read safely
+        if "Weights only load failed" in str(error):
+            raise UserError(f"refusing {what} {path}: it holds pickled objects other than weights, and loading "
+                            "them could run code") from None
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {what} {path}: {first_line}") from None

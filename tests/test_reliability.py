@@ -165,3 +165,39 @@ def test_max_bad_fraction_stops_training_on_too_much_bad_data(tmp_path, toyworld
     assert summary["skipped_samples"] == {"missing_image": 240} and summary["seen_samples"] == 480
     bad_value = clipkd("train", str(config), "data.max_bad_fraction=1.5")
     assert bad_value.returncode == 2 and "data.max_bad_fraction" in bad_value.stderr
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tmp_path, toyworld_dir):
+    """A pickle that runs a command when unpickled, handed to each command that reads weights: every one refuses it
+    in one line (weights_only loading) and the command never runs."""
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, evil)
+    config = write_config(tmp_path, toyworld_dir)
+    attempts = {
+        "train --resume": clipkd("train", str(config), "--resume", str(evil)),
+        "eval": clipkd("eval", "--model", "toy-student", "--pretrained", str(evil), "--retrieval",
+                       str(toyworld_dir / "val" / "retrieval.jsonl"), "--out", str(tmp_path / "m.json")),
+        "eval (our checkpoint)": clipkd("eval", "--pretrained", str(evil), "--retrieval",
+                                        str(toyworld_dir / "val" / "retrieval.jsonl"), "--out", str(tmp_path / "m.json")),
+        "label": clipkd("label", "--teacher", "toy-teacher", "--teacher-pretrained", str(evil), "--concepts",
+                        str(REPO / "concepts" / "coco_val2017.json"), "--data", str(toyworld_dir / "train" / "shards"),
+                        "--out", str(tmp_path / "labels"), "--device", "cpu"),
+        "cls train": clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"),
+                            f"model.teacher_pretrained={evil}", f"train.output_dir={tmp_path / 'cls'}",
+                            "train.device=cpu"),
+        "export": clipkd("export", str(evil), "--out", str(tmp_path / "export")),
+    }
+    for command, result in attempts.items():
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert len(result.stderr.strip().splitlines()) == 1 and str(evil) in result.stderr, (command, result.stderr)
+        assert "pickled objects other than weights" in result.stderr, (command, result.stderr)
+    assert not marker.exists()

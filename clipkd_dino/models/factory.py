@@ -7,14 +7,17 @@ compact vocabulary of that size (see `tokenizer.py`); all other models use open_
 
 from __future__ import annotations
 
+import contextlib
+import pickle
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
 import torch
 from torchvision import transforms as T
 
 from clipkd_dino.errors import ConfigError
+from clipkd_dino.files import read_torch_file
 from clipkd_dino.models.tokenizer import CompactTokenizer, shipped_vocabularies
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -44,11 +47,25 @@ def check_pretrained(path: str | None) -> None:
         raise ConfigError(f"pretrained checkpoint not found: {path}")
 
 
+@contextlib.contextmanager
+def _loading(name: str, pretrained: str | None) -> Iterator[None]:
+    """Turn open_clip's loading errors into one-line ConfigErrors naming the model and the file."""
+    try:
+        yield
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor or container
+        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: the file holds pickled objects "
+                          "other than weights; refused, since loading them could run code") from None
+    except (RuntimeError, ValueError, OSError) as error:  # weights not cached offline, a foreign state dict, ...
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {message}") from None
+
+
 def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
     """An open_clip CLIP model in fp32 on `device`, optionally loaded from a local checkpoint file."""
     model_config(name)
     check_pretrained(pretrained)
-    return open_clip.create_model(name, pretrained=pretrained, device=device)
+    with _loading(name, pretrained):
+        return open_clip.create_model(name, pretrained=pretrained, device=device)
 
 
 def get_tokenizer(name: str) -> Tokenizer:
@@ -107,21 +124,15 @@ def create_model_and_transform(name: str, pretrained: str | None = None, device:
     if pretrained and not Path(pretrained).is_file() and pretrained not in tags:
         raise ConfigError(f"pretrained checkpoint not found: {pretrained} (open_clip tags of {name!r}: "
                           f"{', '.join(tags) or 'none'})")
-    try:
+    with _loading(name, pretrained):
         model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    except (RuntimeError, ValueError, OSError) as error:  # weights not cached offline, a foreign state dict, ...
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {message}") from None
     return model, transform
 
 
 def checkpoint_model_name(path: str | Path) -> str:
     """The architecture name stored in a clipkd training checkpoint (`model_name`)."""
     check_pretrained(str(path))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # a truncated or foreign file: say which one
-        raise ConfigError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
+    checkpoint = read_torch_file(path, mmap=True)
     name = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
     if not isinstance(name, str):
         raise ConfigError(f"{path} does not name its architecture (no 'model_name'): give the model name too")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from clipkd_dino.errors import UserError
-from clipkd_dino.files import write_atomic
+from clipkd_dino.files import read_torch_file, write_atomic
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -30,8 +30,5 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated or foreign file: say which one
-        raise UserError(f"cannot read checkpoint {path}: {error}") from None
+    return read_torch_file(path)
 

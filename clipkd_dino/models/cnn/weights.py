@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from clipkd_dino.errors import UserError
+from clipkd_dino.files import read_torch_file
 from clipkd_dino.models.cnn.imagenet import TimmClassifier, TorchvisionClassifier
 
 WRAPPER_KEYS = ("model", "state_dict")
@@ -26,17 +26,15 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"classifier checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             obj = load_file(path)
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling, zip and safetensors errors all mean: not a readable checkpoint
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read classifier checkpoint {path}: {first_line}") from error
+        except Exception as error:  # safetensors' errors: not a readable file
+            raise UserError(f"cannot read classifier checkpoint {path}: {error}") from None
+    else:  # CRD's checkpoints also hold their argparse options
+        obj = read_torch_file(path, "classifier checkpoint", safe_globals=(argparse.Namespace,))
     while isinstance(obj, dict) and any(isinstance(obj.get(key), dict) for key in WRAPPER_KEYS):
         obj = next(obj[key] for key in WRAPPER_KEYS if isinstance(obj.get(key), dict))
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
