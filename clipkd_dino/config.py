@@ -246,3 +246,9 @@ def check_values(config: Config) -> None:
         raise ConfigError("config keys 'optim.betas' and 'data.crop_scale' take two numbers each")
     if not config.data.train:
         raise ConfigError("config key 'data.train' is required (a CSV file or webdataset shards)")
+
+
+def with_bad_fraction(args) -> list[str]:
+    """The command line's overrides, plus `data.max_bad_fraction` when `--max-bad-fraction` was given."""
+    extra = [] if args.max_bad_fraction is None else [f"data.max_bad_fraction={args.max_bad_fraction}"]
+    return [*args.overrides, *extra]

@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for sub in (centers, train):
         sub.add_argument("config", help="YAML config file (see configs/cls/)")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        sub.add_argument("--max-bad-fraction", type=float, metavar="F",
+                         help="stop once more than this fraction of the images read were bad (sets the config key "
+                              "data.max_bad_fraction)")
     train.add_argument("--resume", metavar="latest|PATH",
                        help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest') or a checkpoint file")
     centers.set_defaults(func=run_centers)
@@ -34,8 +37,9 @@ def run_centers(args: argparse.Namespace) -> int:
     from clipkd_dino.cls.centers import compute_centers
     from clipkd_dino.data.faults import format_skipped
     from clipkd_dino.cls.config import load_cls_config
+    from clipkd_dino.config import with_bad_fraction
 
-    summary = compute_centers(load_cls_config(args.config, args.overrides))
+    summary = compute_centers(load_cls_config(args.config, with_bad_fraction(args)))
     print(f"class means of {summary['teacher']} over {summary['images']} images "
           f"(teacher train top-1 {summary['teacher_train_top1']:.2f}%); {format_skipped(summary['skipped'])} -> "
           f"{summary['out']}")
@@ -46,10 +50,11 @@ def run_train(args: argparse.Namespace) -> int:
     import os
 
     from clipkd_dino.cls.config import load_cls_config
+    from clipkd_dino.config import with_bad_fraction
     from clipkd_dino.cls.trainer import train_classifier
     from clipkd_dino.data.faults import format_skipped
 
-    summary = train_classifier(load_cls_config(args.config, args.overrides), resume=args.resume)
+    summary = train_classifier(load_cls_config(args.config, with_bad_fraction(args)), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         target = summary["published_top1"]
         print(f"{summary['method']} {summary['student']} <- {summary['teacher']}: best top-1 "

@@ -15,17 +15,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     parser.add_argument("--resume", metavar="latest|PATH",
                         help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest') or a checkpoint file")
+    parser.add_argument("--max-bad-fraction", type=float, metavar="F",
+                        help="stop once more than this fraction of the samples read were bad (sets the config key "
+                             "data.max_bad_fraction)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from clipkd_dino.config import load_config
+    from clipkd_dino.config import load_config, with_bad_fraction
     from clipkd_dino.report import format_summary
     from clipkd_dino.train.trainer import train
 
-    summary = train(load_config(args.config, args.overrides), resume=args.resume)
+    summary = train(load_config(args.config, with_bad_fraction(args)), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":
         print(format_summary(summary))
     return 0

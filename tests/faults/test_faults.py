@@ -169,7 +169,7 @@ def test_train_counts_every_shard_fault_at_each_visit(planted, tmp_path, teacher
 
 
 def test_train_stops_past_max_bad_fraction(planted, tmp_path):
-    result = clipkd("train", str(train_config(tmp_path, planted.csv)), "data.max_bad_fraction=0.25")
+    result = clipkd("train", str(train_config(tmp_path, planted.csv)), "--max-bad-fraction", "0.25")
     assert_stopped(result, "train")
     assert "6 of 16 samples were bad" in result.stderr and not (tmp_path / "run" / "summary.json").exists()
 
@@ -233,7 +233,7 @@ def test_cls_train_and_centers_count_every_bad_image(image_folder, tmp_path):
 
 
 def test_cls_train_stops_past_max_bad_fraction(image_folder, tmp_path):
-    result = clipkd("cls", "train", str(cls_config(tmp_path, image_folder)), "data.max_bad_fraction=0.2")
+    result = clipkd("cls", "train", str(cls_config(tmp_path, image_folder)), "--max-bad-fraction", "0.2")
     assert_stopped(result, "cls")
     assert "3 of 9 samples were bad" in result.stderr
 
