@@ -28,6 +28,7 @@ CASES = [
     (["train", CONFIG, "train.epochs=three"], "train.epochs"),
     (["train", CONFIG, "train.epochs=0"], "train.epochs"),
     (["train", CONFIG, "data.train=/no/such/train.csv"], "/no/such/train.csv"),
+    (["train", CONFIG, "--max-bad-fraction", "1.5"], "data.max_bad_fraction"),
     (["eval", "--model", "toy-student", "--pretrained", "/no/such/model.pt", "--retrieval", "/no/such/r.jsonl",
       "--out", "{tmp}/m.json"], "/no/such/"),
     (["eval", "compare", "/no/such/a.json", "/no/such/b.json"], "/no/such/a.json"),
@@ -36,6 +37,7 @@ CASES = [
     (["cls", "train", CLS, "distill.kd_wieght=2"], "distill.kd_wieght"),
     (["cls", "train", CLS, "train.batch_size=big"], "train.batch_size"),
     (["cls", "train", CLS, "data.max_bad_fraction=2"], "data.max_bad_fraction"),
+    (["cls", "centers", CLS, "--max-bad-fraction", "-0.1"], "data.max_bad_fraction"),
     (["cls", "train", CLS, "data.dataset=imagenet", "data.root=/no/such/imagenet"], "data.root"),
     (["demo", "--seeds", "0"], "--seeds"),
 ]
