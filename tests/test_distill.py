@@ -121,6 +121,29 @@ def test_cached_distillation_trains_logs_each_loss_and_resumes_to_the_same_weigh
     assert not any(k.startswith(("project", "dino", "icl")) for k in student)
 
 
+@pytest.mark.slow
+def test_killed_webdataset_online_distillation_resumes_to_the_same_weights(tmp_path, toyworld_dir):
+    """Online teacher on webdataset shards, two DataLoader workers and random crops: the stream is a function of
+    (seed, rank, epoch) and resumes at any batch, and the dino projector's dropout continues as if never stopped."""
+    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
+
+    shards = toyworld_dir / "train" / "shards"
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
+    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
+                                data=str(shards), out=str(tmp_path / "labels"), workers=0, device="cpu",
+                                templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json")))
+    config = distill_config(tmp_path, toyworld_dir, tmp_path / "labels", False)
+    raw = yaml.safe_load(config.read_text())
+    raw["data"] = {"train": str(shards), "workers": 2, "augment": True, "num_samples": 320, "shuffle_buffer": 50}
+    raw["train"] |= {"epochs": 2, "checkpoint_every_steps": 2}
+    config.write_text(yaml.safe_dump(raw))
+    kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=6, total_steps=40)
+    assert "loss_dino" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+
+
 def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
     config = distill_config(tmp_path, toyworld_dir, label_dir, False)
     result = clipkd("train", str(config), "distill.teacher_precision=bf16")

@@ -94,15 +94,6 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_di
     kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=6, total_steps=60)
 
 
-@pytest.mark.slow
-def test_killed_webdataset_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_dir):
-    """The webdataset stream is a function of (seed, rank, epoch) and resumes at any batch, with any workers."""
-    data = {"train": str(toyworld_dir / "train" / "shards"), "workers": 2, "augment": True, "num_samples": 320,
-            "shuffle_buffer": 50}
-    config = write_config(tmp_path, toyworld_dir, data=data, train={"epochs": 2, "checkpoint_every_steps": 2})
-    kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=6, total_steps=40)
-
-
 def test_checkpoint_loads_with_plain_open_clip(tmp_path, toyworld_dir):
     config = write_config(tmp_path, toyworld_dir, train={"epochs": 1})
     result = clipkd("train", str(config), "data.train=" + str(toyworld_dir / "train" / "shards" / "train-{000000..000002}.tar"))
