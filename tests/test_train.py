@@ -87,6 +87,7 @@ def test_two_process_run_matches_one_process_with_same_global_batch(tmp_path, to
     assert log_two[4]["loss_task"] == pytest.approx(log_one[4]["loss_task"], abs=1e-4)
     summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 16
+    assert summary["seen_samples"] == 480  # both processes' counts
 
 
 def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_dir):

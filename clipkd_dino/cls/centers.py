@@ -75,11 +75,11 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     teacher = load_teacher(config, data.num_classes, device)
     loader = DataLoader(data.train_plain, batch_size=config.train.batch_size, shuffle=False,
                         num_workers=config.data.workers, collate_fn=collate_classification)
-    skipped: Counter = Counter()
+    skipped: Counter = Counter(data.skipped_at_load)
     sums, fallback, accuracy = teacher_class_means(teacher, loader, data.num_classes, config.centers.correct_only,
                                                    device, config.train.precision, skipped)
-    enforce_bad_fraction(skipped, len(data.train_plain), config.data.max_bad_fraction, "data (training split)",
-                         final=True)
+    seen = len(data.train_plain) + sum(data.skipped_at_load.values())
+    enforce_bad_fraction(skipped, seen, config.data.max_bad_fraction, "data (training split)", final=True)
     if fallback:
         print(f"warning: the teacher classifies no training image of {len(fallback)} class(es) correctly "
               f"({', '.join(data.class_names[c] for c in fallback[:5])}...): their means use all their images",
@@ -89,7 +89,7 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
                "dataset": config.data.dataset, "correct_only": config.centers.correct_only,
                "images": int(sums.counts.sum()), "teacher_train_top1": round(accuracy, 3),
                "classes_with_all_images": [data.class_names[c] for c in fallback],
-               "skipped": dict(sorted(skipped.items())), "seen": len(data.train_plain)}
+               "skipped": dict(sorted(skipped.items())), "seen": seen}
     save_class_means(out, ClassMeans(sums.means().cpu(), sums.counts.cpu(), data.class_names), summary)
     return {**summary, "out": str(out)}
 

@@ -11,12 +11,10 @@ or corrupt image and `collate_classification` drops the markers from the batch a
 
 from __future__ import annotations
 
-import io
-import json
 import pickle
-import tarfile
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from clipkd_dino.data.pairs import Skipped
-from clipkd_dino.data.faults import BadSample, load_image
+from clipkd_dino.data.faults import BadSample, format_skipped, load_image
 from clipkd_dino.errors import ConfigError, UserError
 
 DATASETS = ("cifar100", "imagenet", "digits", "toyworld")
@@ -43,6 +41,7 @@ class ClsData:
     train_plain: Dataset  # the same images with the evaluation transform (class means)
     val: Dataset
     class_names: list[str]
+    skipped_at_load: Counter = field(default_factory=Counter)  # training samples dropped while reading into memory
 
     @property
     def num_classes(self) -> int:
@@ -191,33 +190,42 @@ def _digits(root: str) -> ClsData:
 
 
 def _toyworld(root: str) -> ClsData:
-    """toyworld's classification split: the images that show exactly one object, labelled by its kind."""
+    """toyworld's classification split: the images that show exactly one object, labelled by its kind. Broken
+    shards and samples are skipped and counted (those of the training split in `skipped_at_load`)."""
     from clipkd_dino.data.toyworld_captions import KINDS
 
-    splits = []
+    splits, problems = [], {"train": Counter(), "val": Counter()}
     for split in ("train", "val"):
-        images, labels = _single_object_images(Path(root) / split / "shards", KINDS)
+        images, labels = _single_object_images(Path(root) / split / "shards", KINDS, problems[split])
         splits.append((_resized(images), labels))
-    return _in_memory(splits[0], splits[1], list(KINDS), (0.5,) * 3, (0.5,) * 3)
+    if problems["val"]:
+        print(f"warning: {Path(root) / 'val'}: {format_skipped(problems['val'])}", file=sys.stderr)
+    data = _in_memory(splits[0], splits[1], list(KINDS), (0.5,) * 3, (0.5,) * 3)
+    data.skipped_at_load = problems["train"]
+    return data
 
 
-def _single_object_images(shards: Path, kinds: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
+def _single_object_images(shards: Path, kinds: tuple[str, ...], problems: Counter) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single-object images of the shards in `shards` with their kind's index; faults counted in `problems`
+    (a sample without readable `.json` metadata as "bad_record"; captions are not needed)."""
+    from clipkd_dino.data.samples import list_units, read_sample, unit_samples
 
     images, labels = [], []
-    for shard in sorted(shards.glob("*.tar")):
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
-        for files in members.values():
-            objects = json.loads(files["json"])["objects"]
-            if len(objects) != 1:
+    for unit in list_units(str(shards), "webdataset"):
+        for ref in unit_samples(unit, problems):
+            raw = read_sample(unit.path, ref)
+            objects = (raw.metadata or {}).get("objects")
+            try:
+                image = load_image(raw.image if raw.image is not None else b"")
+            except BadSample as bad:
+                problems["missing_image" if raw.image is None else bad.reason] += 1
                 continue
-            image = np.array(Image.open(io.BytesIO(files["png"])).convert("RGB"))
-            images.append(torch.from_numpy(image).permute(2, 0, 1))
-            labels.append(kinds.index(objects[0]["kind"]))
+            if not isinstance(objects, list) or not all(isinstance(o, dict) and o.get("kind") in kinds
+                                                        for o in objects):
+                problems["bad_record"] += 1
+            elif len(objects) == 1:
+                images.append(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
+                labels.append(kinds.index(objects[0]["kind"]))
     if not images:
         raise UserError(f"{shards}: no single-object toyworld images found")
     return torch.stack(images), torch.tensor(labels)

@@ -36,7 +36,7 @@ from clipkd_dino.files import write_json_atomic
 from clipkd_dino.runtime import autocast, init_data_worker
 from clipkd_dino.data.pairs import SkipFirst
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
+from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed, summed_counts
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
 from clipkd_dino.train.runlog import RunLog
@@ -124,6 +124,9 @@ class ClsTrainer:
         self.nonfinite, self.signals = NonFiniteGuard(config.train.max_nonfinite_steps), StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
+        elif self.dist.is_main:  # in-memory data sets drop their bad samples once, while loading
+            self.skipped.update(data.skipped_at_load)
+            self.seen += sum(data.skipped_at_load.values())
         self.log = RunLog(self.output_dir, self.dist.is_main)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -144,7 +147,8 @@ class ClsTrainer:
                 "epochs": self.epoch, "steps": self.step, "processes": self.dist.world_size,
                 "wall_seconds": round(time.time() - start, 1), "last": metrics, "best_top1": self.best_top1,
                 "published_top1": self.config.published.top1, "nonfinite_steps": self.nonfinite.total,
-                "skipped_samples": dict(self.skipped), "seen_samples": self.seen,
+                "skipped_samples": summed_counts(self.skipped),
+                "seen_samples": summed_counts({"seen": self.seen}).get("seen", 0),
                 "checkpoint": str(self.output_dir / "checkpoints" / "best.pt"),
             }
             if self.dist.is_main:

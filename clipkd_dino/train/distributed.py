@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,15 @@ def global_min(value: int, device: torch.device) -> int:
     tensor = torch.tensor([value], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor)
+
+
+def summed_counts(counts: Mapping[str, int]) -> dict[str, int]:
+    """`counts` summed over all processes (key by key; a copy in a single process), for run summaries."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    return dict(sum((Counter(c) for c in gathered), Counter()))
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from clipkd_dino.models import create_model, get_tokenizer, image_transforms, mo
 from clipkd_dino.models.factory import check_pretrained
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed
+from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed, summed_counts
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
@@ -121,6 +121,7 @@ class Trainer:
         try:
             with self.signals:
                 metrics = self._epochs()
+            totals = summed_counts({"seen": self.seen, "underfull": self.underfull})  # over every process
             summary = {
                 "model": self.config.model.name,
                 "epochs": self.config.train.epochs,
@@ -128,9 +129,9 @@ class Trainer:
                 "processes": self.dist.world_size,
                 "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
                 "wall_seconds": round(time.time() - start, 1),
-                "skipped_samples": dict(self.skipped),
-                "seen_samples": self.seen,
-                "underfull_batches": self.underfull,
+                "skipped_samples": summed_counts(self.skipped),
+                "seen_samples": totals.get("seen", 0),
+                "underfull_batches": totals.get("underfull", 0),
                 "nonfinite_steps": self.nonfinite.total,
                 "checkpoint": str(self.output_dir / "checkpoints" / f"epoch_{self.config.train.epochs}.pt"),
                 "metrics": metrics,

@@ -238,6 +238,22 @@ def test_cls_train_stops_past_max_bad_fraction(image_folder, tmp_path):
     assert "3 of 9 samples were bad" in result.stderr
 
 
+def test_cls_on_corrupted_toyworld_shards_counts_every_image_fault(planted, toyworld_dir, tmp_path):
+    """`data.dataset=toyworld` reads the shards into memory: bad samples are dropped there, once, and counted."""
+    import shutil
+
+    root = tmp_path / "toyworld"
+    shutil.copytree(toyworld_dir / "val", root / "val")
+    shutil.copy(toyworld_dir / "toyworld.json", root / "toyworld.json")
+    shutil.copytree(planted.shards, root / "train" / "shards")
+    config = cls_config(tmp_path, root)
+    result = clipkd("cls", "train", str(config), "data.dataset=toyworld", "train.epochs=1", "train.batch_size=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    image_faults = {k: v for k, v in SHARD_FAULTS.items() if k not in ("missing_caption", "invalid_utf8")}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == image_faults
+
+
 def test_cls_image_folder_skips_and_counts_bad_images(image_folder):
     from torch.utils.data import DataLoader
 
