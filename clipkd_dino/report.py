@@ -42,7 +42,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"trained {summary['model']}: {summary['epochs']} epochs, {summary['steps']} steps, global batch "
         f"{summary['global_batch']} on {summary['processes']} process(es) in {summary['wall_seconds']:.0f} s",
-        f"data: {format_skipped(summary.get('skipped_samples') or {})} of {summary.get('seen_samples', 0)} samples read",
+        f"data: {format_skipped(summary.get('skipped_samples') or {})} of {summary.get('seen_samples', 0)} "
+        "samples read",
         f"checkpoint: {summary['checkpoint']}",
     ]
     if summary.get("metrics"):

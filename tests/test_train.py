@@ -97,7 +97,8 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_di
 
 def test_checkpoint_loads_with_plain_open_clip(tmp_path, toyworld_dir):
     config = write_config(tmp_path, toyworld_dir, train={"epochs": 1})
-    result = clipkd("train", str(config), "data.train=" + str(toyworld_dir / "train" / "shards" / "train-{000000..000002}.tar"))
+    shards = toyworld_dir / "train" / "shards" / "train-{000000..000002}.tar"
+    result = clipkd("train", str(config), f"data.train={shards}")
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoints" / "epoch_1.pt"
     configs = REPO / "clipkd_dino" / "models" / "model_configs"

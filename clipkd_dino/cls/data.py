@@ -205,7 +205,8 @@ def _toyworld(root: str) -> ClsData:
     return data
 
 
-def _single_object_images(shards: Path, kinds: tuple[str, ...], problems: Counter) -> tuple[torch.Tensor, torch.Tensor]:
+def _single_object_images(shards: Path, kinds: tuple[str, ...],
+                          problems: Counter) -> tuple[torch.Tensor, torch.Tensor]:
     """The single-object images of the shards in `shards` with their kind's index; faults counted in `problems`
     (a sample without readable `.json` metadata as "bad_record"; captions are not needed)."""
     from clipkd_dino.data.samples import list_units, read_sample, unit_samples

@@ -20,6 +20,7 @@ from PIL import Image
 from clipkd_dino.errors import ConfigError, UserError
 
 MIN_SEEN = 100
+# What PIL raises for a truncated, corrupt or over-large file (its plugins raise more than OSError).
 _IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, Image.DecompressionBombError)
 
 

@@ -34,7 +34,6 @@ from clipkd_dino.errors import ConfigError
 
 CSV_UNIT_SIZE = 10_000
 IMAGE_REASONS = ("missing_image", "empty_file", "bad_image")
-# What PIL raises for a truncated, corrupt or over-large file (its plugins raise more than OSError).
 
 
 @dataclass(frozen=True)
