@@ -87,7 +87,8 @@ class Trainer:
         images = PairImages(train_transform, self.objective.views, self.objective.num_views)
         self.data = TrainData(config.data, images, self.tokenizer, config.train.batch_size,
                               self.dist.rank, self.dist.world_size, config.train.seed)
-        self.val_retrieval = read_retrieval_file(config.data.val_retrieval) if config.data.val_retrieval else None
+        self.val_retrieval = (read_retrieval_file(config.data.val_retrieval, check_images=False, skip_bad=True)
+                              if config.data.val_retrieval else None)
         self.val_zeroshot = read_zeroshot_dir(config.data.val_zeroshot) if config.data.val_zeroshot else None
         self.wrapped = (
             DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -153,11 +154,11 @@ class Trainer:
                                  self.device, final=True)  # the end of a pass: judged whatever was seen
             self.position = Position(self.position.epoch + 1, 0, self.position.step)
             epoch = self.position.epoch
+            self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
+            self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)  # before evaluating: kept whatever
             every = self.config.train.eval_every_epochs
             if (every and epoch % every == 0) or epoch == self.config.train.epochs:
                 metrics = self._evaluate()
-            self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
-            self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)
         return metrics
 
     def _train_epoch(self) -> None:
@@ -250,9 +251,11 @@ class Trainer:
     def _evaluate(self) -> dict[str, Any]:
         if not self.dist.is_main or not (self.val_retrieval or self.val_zeroshot):
             return {}
-        metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=self.val_retrieval,
-                                 zeroshot=self.val_zeroshot, device=self.device,
-                                 precision=self.config.train.precision, num_workers=self.config.data.workers)
+        with torch.random.fork_rng(devices=[]):  # evaluating leaves training's random stream as it was
+            metrics = evaluate_model(self.model, self.tokenizer, self.eval_transform, retrieval=self.val_retrieval,
+                                     zeroshot=self.val_zeroshot, device=self.device,
+                                     precision=self.config.train.precision, num_workers=self.config.data.workers,
+                                     skip_bad=True)  # a bad validation image is counted, never a crash
         self.log.metrics({"epoch": self.position.epoch, "step": self.position.step, **metrics})
         tqdm.write(f"[epoch {self.position.epoch}] " + "  ".join(
             f"{k}={v:.2f}" for k, v in flatten_numbers(metrics).items() if k.endswith(("R@1", "top1"))))

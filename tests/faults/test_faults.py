@@ -168,6 +168,15 @@ def test_train_counts_every_shard_fault_at_each_visit(planted, tmp_path, teacher
     assert summary["underfull_batches"] >= 1  # a batch left with one readable sample is not trained (BatchNorm)
 
 
+def test_train_evaluates_on_a_broken_validation_set_and_counts_it(planted, tmp_path):
+    """An epoch-end evaluation skips and counts bad validation images: hours of training never end in a crash."""
+    config = train_config(tmp_path, planted.csv, val_retrieval=str(planted.jsonl))
+    result = clipkd("train", str(config), "train.eval_every_epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["retrieval"]["skipped"] == JSONL_FAULTS and logged["retrieval"]["num_images"] == planted.jsonl_good
+
+
 def test_train_stops_past_max_bad_fraction(planted, tmp_path):
     result = clipkd("train", str(train_config(tmp_path, planted.csv)), "--max-bad-fraction", "0.25")
     assert_stopped(result, "train")
