@@ -61,8 +61,12 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", safe_globals: tu
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # unpickling and zip errors alike mean: not a checkpoint we can read safely
-        if "Weights only load failed" in str(error):
-            raise UserError(f"refusing {what} {path}: it holds pickled objects other than weights, and loading "
-                            "them could run code") from None
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read {what} {path}: {first_line}") from None
+        raise UserError(f"cannot read {what} {path}: {load_error_reason(error)}") from None
+
+
+def load_error_reason(error: Exception) -> str:
+    """Why `torch.load(weights_only=True)` failed, in one line: a refused pickle says so, anything else gives the
+    first line of its message."""
+    if "Weights only load failed" in str(error):
+        return "it holds pickled objects other than weights, refused since loading them could run code"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

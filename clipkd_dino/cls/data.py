@@ -216,10 +216,13 @@ def _single_object_images(shards: Path, kinds: tuple[str, ...],
         for ref in unit_samples(unit, problems):
             raw = read_sample(unit.path, ref)
             objects = (raw.metadata or {}).get("objects")
+            if raw.image is None:
+                problems["missing_image"] += 1
+                continue
             try:
-                image = load_image(raw.image if raw.image is not None else b"")
+                image = load_image(raw.image)
             except BadSample as bad:
-                problems["missing_image" if raw.image is None else bad.reason] += 1
+                problems[bad.reason] += 1
                 continue
             if not isinstance(objects, list) or not all(isinstance(o, dict) and o.get("kind") in kinds
                                                         for o in objects):

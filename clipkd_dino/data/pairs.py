@@ -285,8 +285,8 @@ class WebdatasetEpoch(IterableDataset):
         errors: list[tuple[str, Exception]] = []
         shard_rng = _draws("shards", self.seed, self.rank, self.epoch)
         max_draws = max(1000, 20 * len(self.urls))
-        draws_without_sample, faults = 0, 0
-        current, last_fault = "", ""
+        draws_without_sample = 0
+        current, truncated = "", False  # the shard drawn last; whether the last fault met was its truncation
 
         def shards() -> Iterator[dict]:
             nonlocal draws_without_sample, current
@@ -299,19 +299,17 @@ class WebdatasetEpoch(IterableDataset):
                 yield {"url": current}
 
         def handler(error: Exception) -> bool:
-            nonlocal faults, last_fault
-            last_fault = shard_fault(current)
-            errors.append((last_fault, error))
-            faults += 1
+            nonlocal truncated
+            reason = shard_fault(current)
+            errors.append((reason, error))
+            truncated = reason == "truncated_shard"
             return True
 
         def samples() -> Iterator[dict]:
-            nonlocal draws_without_sample
-            known = 0
+            nonlocal draws_without_sample, truncated
             for sample in tarfile_samples(shards(), handler=handler):
                 draws_without_sample = 0
-                cut = faults > known and last_fault == "truncated_shard"
-                known = faults
+                cut, truncated = truncated, False
                 if cut and not ("txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)):
                     continue  # the sample the shard's end cut in two: part of its truncated_shard fault
                 yield sample

@@ -17,7 +17,7 @@ import torch
 from torchvision import transforms as T
 
 from clipkd_dino.errors import ConfigError
-from clipkd_dino.files import read_torch_file
+from clipkd_dino.files import load_error_reason, read_torch_file
 from clipkd_dino.models.tokenizer import CompactTokenizer, shipped_vocabularies
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -52,12 +52,9 @@ def _loading(name: str, pretrained: str | None) -> Iterator[None]:
     """Turn open_clip's loading errors into one-line ConfigErrors naming the model and the file."""
     try:
         yield
-    except pickle.UnpicklingError:  # torch.load(weights_only=True) met an object that is not a tensor or container
-        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: the file holds pickled objects "
-                          "other than weights; refused, since loading them could run code") from None
-    except (RuntimeError, ValueError, OSError) as error:  # weights not cached offline, a foreign state dict, ...
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {message}") from None
+    # weights not cached offline, a foreign state dict, a pickle torch.load(weights_only=True) refuses, ...
+    except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as error:
+        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {load_error_reason(error)}") from None
 
 
 def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -122,7 +122,6 @@ class Trainer:
         try:
             with self.signals:
                 metrics = self._epochs()
-            totals = summed_counts({"seen": self.seen, "underfull": self.underfull})  # over every process
             summary = {
                 "model": self.config.model.name,
                 "epochs": self.config.train.epochs,
@@ -131,8 +130,8 @@ class Trainer:
                 "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": summed_counts(self.skipped),
-                "seen_samples": totals.get("seen", 0),
-                "underfull_batches": totals.get("underfull", 0),
+                "seen_samples": summed_counts({"seen": self.seen}).get("seen", 0),  # over every process
+                "underfull_batches": self.underfull,  # the same on every process (they agree on each batch)
                 "nonfinite_steps": self.nonfinite.total,
                 "checkpoint": str(self.output_dir / "checkpoints" / f"epoch_{self.config.train.epochs}.pt"),
                 "metrics": metrics,
