@@ -9,24 +9,28 @@ random weights), it times:
   cached + dino        the same plus the dino-loss
   online fp32 / bf16   CLIP-KD + dino with the frozen teacher run at every step, fp32 or bf16 weights
 and prints each time with its ratio to the student-only step, and the dino-loss's own cost (cached + dino / cached).
-The cache is a real one on disk (random embeddings for the batch's keys), read through memory maps.
+The cache is a real one on disk (random embeddings for the batch's samples), read through memory maps by the
+lookup the loader workers run (`BatchTargets`); as in training, that lookup is not part of the timed step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from clipkd_dino.config import DistillConfig, LossWeights
 from clipkd_dino.distill.distiller import CLIPDistiller
-from clipkd_dino.distill.teachers import CachedTeacher, OnlineTeacher
+from clipkd_dino.data.identity import SampleIndex, identity_hashes
+from clipkd_dino.distill.teachers import BatchTargets, CachedTeacher, OnlineTeacher
 from clipkd_dino.models import create_model, get_tokenizer, image_size, model_config
 from clipkd_dino.runtime import resolve_device
-from clipkd_dino.teacher.cache import to_numpy, write_manifest, write_unit
+from clipkd_dino.teacher.cache import to_numpy
 from clipkd_dino.train.objectives import CLIPObjective
 from timing import seconds_per_step
 
@@ -34,13 +38,17 @@ PAIRS = {"toy": ("toy-teacher", "toy-student"), "ViT-B-16": ("ViT-B-16", "ViT-T-
 
 
 def make_cache(directory: Path, keys: list[str], dim: int) -> None:
-    images = torch.randn(len(keys), 2, dim) * 10
-    texts = torch.randn(len(keys), dim) * 10
-    write_unit(directory / "cache", "u0", keys, to_numpy(images, "fp16"), to_numpy(texts, "fp16"),
-               list(range(len(keys) + 1)))
-    write_manifest(directory / "cache", {"dtype": "fp16", "views": 2, "dim": dim, "units": ["u0"],
-                                         "teacher_logit_scale": 100.0,
-                                         "view_spec": {"size": 224, "scale": [0.9, 1.0]}})
+    """A labelling output holding only an identity index and a 2-view cache of random embeddings for `keys`."""
+    SampleIndex.build(identity_hashes(keys))[0].save(directory / "samples")
+    (directory / "cache").mkdir()
+    arrays = {"images": to_numpy(torch.randn(len(keys), 2, dim) * 10, "fp16"),
+              "texts": to_numpy(torch.randn(len(keys), dim) * 10, "fp16"),
+              "caption_offsets": np.arange(len(keys) + 1, dtype=np.int64)}
+    for name, array in arrays.items():
+        np.save(directory / "cache" / f"{name}.npy", array)
+    (directory / "cache" / "manifest.json").write_text(json.dumps({
+        "dtype": "fp16", "views": 2, "dim": dim, "teacher_logit_scale": 100.0,
+        "view_spec": {"size": 224, "scale": [0.9, 1.0]}}))
 
 
 def main() -> None:
@@ -63,34 +71,29 @@ def main() -> None:
         torch.manual_seed(0)
         student = create_model(student_name, device=device)
         size, context = image_size(student), get_tokenizer(student_name)(["a"]).shape[1]
-        keys = [f"k{i}" for i in range(args.batch)]
+        keys = [f"source/{i:09d}" for i in range(args.batch)]
         texts = torch.randint(2, 90, (args.batch, context))
         texts[:, context // 2] = student.vocab_size - 1
         batch = {"images": torch.randn(args.batch, 3, size, size, device=device), "texts": texts.to(device),
-                 "keys": keys,
-                 "view": torch.randint(0, 2, (args.batch,)), "caption_index": torch.zeros(args.batch, dtype=torch.long)}
+                 "keys": keys, "ids": torch.from_numpy(identity_hashes(keys)),
+                 "view": torch.randint(0, 2, (args.batch,)), "caption_index": torch.zeros(args.batch, dtype=torch.long),
+                 "labels": torch.arange(args.batch) % 16, "skipped": {}}  # every sample labelled: full dino work
         d_t, d_s = model_config(teacher_name)["embed_dim"], model_config(student_name)["embed_dim"]
         with tempfile.TemporaryDirectory() as tmp:
             make_cache(Path(tmp), keys, d_t)
-            cached = CachedTeacher(tmp)
-
-            class AllLabelled:  # every sample labelled: the dino-loss does its full work
-                def label_of(self, keys):
-                    return torch.arange(len(keys)) % 16
-
-                def __contains__(self, key):
-                    return True
-
+            cached = CachedTeacher(tmp, student)
+            batch = BatchTargets(cached.cache)(batch)  # the loader worker's part
             means = torch.randn(16, d_t, device=device)
 
             def distiller(teacher, dino: float) -> CLIPDistiller:
                 config = DistillConfig(weights=LossWeights(dino=dino))
-                return CLIPDistiller(student, teacher, config, d_s, means, None, AllLabelled()).to(device)
+                return CLIPDistiller(student, teacher, config, d_s, means, None).to(device)
 
             modes = {"student only": CLIPObjective(student).to(device), "cached": distiller(cached, 0.0),
                      "cached + dino": distiller(cached, 1.0)}
             for weights in ("fp32", "bf16"):
-                modes[f"online {weights} teacher"] = distiller(OnlineTeacher(teacher_name, None, weights, device), 1.0)
+                modes[f"online {weights} teacher"] = distiller(
+                    OnlineTeacher(teacher_name, None, weights, device, student), 1.0)
             times = {}
             for mode, objective in modes.items():
                 times[mode] = seconds_per_step(objective.train(), batch, device, precision, args.warmup, args.steps)

@@ -320,7 +320,7 @@ the teacher's: its effect shows in the last two columns.
 ![curves](curves.png)
 
 Outputs: `summary.json` (every number above), `students/*/` (checkpoints, `metrics.jsonl`, TensorBoard logs),
-`labels/` (labels.tsv, class means, cache).
+`labels/` (pseudo-labels, class means, cache).
 """
     path = out / "report.md"
     from clipkd_dino.files import write_atomic

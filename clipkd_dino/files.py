@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 from clipkd_dino.errors import UserError
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(stream)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+    """Call `write(stream)` on a temporary file beside `path`, fsync it, then rename it over `path` (`atomic_file`)."""
+    with atomic_file(path) as stream:
+        write(stream)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A binary stream to a temporary file beside `path`, fsynced and renamed over `path` when the block ends.
 
     A failed write (a full disk, an unwritable folder) removes the temporary file and raises a UserError naming
     `path`; whatever `path` held before is untouched.
@@ -25,7 +34,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(handle, "wb") as stream:
-            write(stream)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
@@ -37,6 +46,36 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class NpyWriter:
+    """Appends rows to a `.npy` file whose dtype and shape are known up front (see `atomic_npy`)."""
+
+    def __init__(self, stream: IO[bytes], dtype, shape: tuple[int, ...]) -> None:
+        import numpy as np
+
+        self.stream, self.dtype, self.shape = stream, np.dtype(dtype), shape
+        self.expected, self.written = int(np.prod(shape)), 0
+        np.lib.format.write_array_header_1_0(stream, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False, "shape": shape})
+
+    def write(self, rows) -> None:
+        import numpy as np
+
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        self.stream.write(rows.data)
+        self.written += rows.size
+
+
+@contextlib.contextmanager
+def atomic_npy(path: Path, dtype, shape: tuple[int, ...]) -> Iterator[NpyWriter]:
+    """A `.npy` file of `dtype` and `shape` written front to back, row blocks at a time (`writer.write(rows)`), so
+    an array larger than memory streams to disk without a memory map; atomic as `atomic_file`."""
+    with atomic_file(path) as stream:
+        writer = NpyWriter(stream, dtype, shape)
+        yield writer
+        if writer.written != writer.expected:
+            raise ValueError(f"{path}: {writer.written} values written, the header says {writer.expected}")
 
 
 def write_json_atomic(path: Path, data: Any, **dump_options: Any) -> None:
@@ -70,3 +109,11 @@ def load_error_reason(error: Exception) -> str:
     if "Weights only load failed" in str(error):
         return "it holds pickled objects other than weights, refused since loading them could run code"
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

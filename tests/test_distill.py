@@ -58,7 +58,8 @@ def _distiller_and_batch(tmp_path, toyworld_dir, label_dir, **weights):
     student = create_model("toy-student")
     distiller = build_objective(config, student, torch.device("cpu"))
     images = PairImages(None, distiller.views, distiller.num_views)
-    data = TrainData(config.data, images, get_tokenizer("toy-student"), batch_size=24, seed=1)
+    data = TrainData(config.data, images, get_tokenizer("toy-student"), batch_size=24, seed=1,
+                     targets=distiller.batch_targets)
     return config, distiller, next(iter(data.epoch_batches(0)))
 
 
@@ -71,7 +72,7 @@ def test_online_and_cached_teacher_give_the_same_losses_on_the_same_views(tmp_pa
     with torch.no_grad():
         cached = distiller(batch)
         t_cached = distiller.teacher.features(batch)
-        distiller.teacher = OnlineTeacher("toy-teacher", str(TEACHER), "fp32", torch.device("cpu"))
+        distiller.teacher = OnlineTeacher("toy-teacher", str(TEACHER), "fp32", torch.device("cpu"), distiller.model)
         online = distiller(batch)
         t_online = distiller.teacher.features(batch)
     torch.testing.assert_close(t_cached[0], t_online[0], rtol=2e-3, atol=2e-3)
@@ -154,7 +155,7 @@ def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
 
 @pytest.mark.parametrize("override, message", [
     ("distill.cache=/nonexistent", "config key 'distill.cache': no teacher cache in /nonexistent"),
-    ("distill.labels=/nonexistent", "labels.tsv not found in /nonexistent"),
+    ("distill.labels=/nonexistent", "labels/label.npy not found in /nonexistent"),
     ("distill.weights.dino=-1", "config key 'distill.weights.dino' must be >= 0"),
     ("distill.dino_reduction=batch", "config key 'distill.dino_reduction' must be one of"),
     ("distill.weights.fdd=1", "unknown config key 'distill.weights.fdd'"),

@@ -24,8 +24,7 @@ from clipkd_dino.eval.retrieval import retrieval_metrics
 from clipkd_dino.eval.search import faiss_available, top_k
 from clipkd_dino.eval.sources import check_images, read_karpathy, read_pairs
 from clipkd_dino.eval.zeroshot import read_image_folder, read_zeroshot, zeroshot_classifier
-from clipkd_dino.models import create_model, get_tokenizer
-from clipkd_dino.models.factory import create_model_and_transform
+from clipkd_dino.models import create_model, get_tokenizer, load_clip
 from test_eval import tiny_checkpoint  # noqa: F401  (the fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +200,8 @@ def test_embedding_cache_reuses_and_invalidates(tmp_path, tiny_checkpoint, monke
     path = _karpathy(tmp_path / "k.json", entries)
     spy = _Spy(monkeypatch)
     name = tiny_checkpoint[0]
-    (model, transform), tokenizer = create_model_and_transform(*tiny_checkpoint), get_tokenizer(name)
+    loaded = load_clip(*tiny_checkpoint)
+    model, transform, tokenizer = loaded.model, loaded.transform, loaded.tokenizer
 
     def evaluate(data_file=path, model=model):
         data = read_karpathy(data_file, tmp_path)

@@ -6,13 +6,16 @@ import json
 import math
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
 
+from clipkd_dino.data.identity import SampleIndex, identity_hashes
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.teacher import TeacherCache, load_class_means, load_labels
-from clipkd_dino.teacher.cache import to_numpy, write_manifest, write_unit
+from clipkd_dino.teacher.cache import to_numpy
+from clipkd_dino.teacher.labels import LABELS_FILE
 from clipkd_dino.teacher.class_means import ClassSums, dense_classes, renumber
 from clipkd_dino.teacher.search import assign_labels, nearest_concepts
 from conftest import REPO, clipkd, torchrun_cli
@@ -90,20 +93,31 @@ def test_kdpp_centre_file_reads_as_class_means(tmp_path):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_cache_round_trip(tmp_path, dtype):
     generator = torch.Generator().manual_seed(2)
-    images = torch.randn(3, 2, 8, generator=generator)
-    texts = torch.randn(7, 8, generator=generator)
-    write_unit(tmp_path, "u0", ["a", "b", "c"], to_numpy(images, dtype), to_numpy(texts, dtype), [0, 2, 2, 7])
-    write_unit(tmp_path, "u1", ["d"], to_numpy(images[:1] * 2, dtype), to_numpy(texts[:1], dtype), [0, 1])
-    write_manifest(tmp_path, {"dtype": dtype, "views": 2, "units": ["u0", "u1"]})
+    images = torch.randn(4, 2, 8, generator=generator)
+    texts = torch.randn(8, 8, generator=generator)
+    SampleIndex.build(identity_hashes(["s/a", "s/b", "s/c", "t/a"]))[0].save(tmp_path / "samples")
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    for name, array in (("images", to_numpy(images, dtype)), ("texts", to_numpy(texts, dtype)),
+                        ("caption_offsets", numpy.array([0, 2, 2, 7, 8]))):
+        numpy.save(cache_dir / f"{name}.npy", array)
+    (cache_dir / "manifest.json").write_text(json.dumps({"dtype": dtype, "views": 2}))
     cache = TeacherCache(tmp_path)
     tolerance = 1e-2 if dtype == "bf16" else 1e-3
-    assert len(cache) == 4 and "d" in cache and "e" not in cache
-    assert torch.allclose(cache.image("c", 1), images[2, 1], rtol=tolerance, atol=tolerance)
-    assert torch.allclose(cache.image("d", 0), images[0, 0] * 2, rtol=tolerance, atol=tolerance)
-    assert cache.texts("b").shape == (0, 8)
-    assert torch.allclose(cache.texts("c"), texts[2:7], rtol=tolerance, atol=tolerance)
-    with pytest.raises(KeyError, match="'e'"):
-        cache.image("e", 0)
+    assert len(cache) == 4 and "t/a" in cache and "a" not in cache
+    assert torch.allclose(cache.image("s/c", 1), images[2, 1], rtol=tolerance, atol=tolerance)
+    assert torch.allclose(cache.image("t/a", 0), images[3, 0], rtol=tolerance, atol=tolerance)
+    assert cache.texts("s/b").shape == (0, 8)
+    assert torch.allclose(cache.texts("s/c"), texts[2:7], rtol=tolerance, atol=tolerance)
+    with pytest.raises(KeyError, match="'a'"):
+        cache.image("a", 0)
+    ids = identity_hashes(["t/a", "s/a", "s/b", "nope"])
+    assert cache.covered(ids, numpy.array([0, 1, 0, 0])).tolist() == [True, True, False, False]  # s/b: no caption
+    image, text = cache.lookup(ids[:2], numpy.array([1, 0]), numpy.array([0, 1]))
+    assert torch.allclose(image, torch.stack([images[3, 1], images[0, 0]]), rtol=tolerance, atol=tolerance)
+    assert torch.allclose(text, torch.stack([texts[7], texts[1]]), rtol=tolerance, atol=tolerance)
+    with pytest.raises(KeyError, match="1 samples"):
+        cache.lookup(ids[2:3], numpy.array([0]), numpy.array([0]))
 
 
 def test_views_are_a_pure_function_of_seed_key_and_index():
@@ -162,10 +176,10 @@ def test_class_means_and_labels_match_plain_open_clip(labelled, toyworld_dir):
 
     out, _ = labelled
     labels = load_labels(out)
-    assert len(labels) == 96 and labels.keys[0] == "train-0000000" and labels.keys[-1] == "train-0000095"
+    assert len(labels) == 96 and labels.keys[0] == "shards/train-0000000" and labels.keys[-1] == "shards/train-0000095"
     model, _, preprocess = open_clip.create_model_and_transforms("toy-teacher", pretrained=str(TEACHER))
     model.eval()
-    images = torch.stack([preprocess(Image.open(toyworld_dir / "train" / "images" / f"{key}.png"))
+    images = torch.stack([preprocess(Image.open(toyworld_dir / "train" / "images" / f"{key.split('/')[-1]}.png"))
                           for key in labels.keys])
     templates = json.loads((toyworld_dir / "val" / "zeroshot" / "templates.json").read_text())
     with torch.no_grad():
@@ -186,14 +200,14 @@ def test_class_means_and_labels_match_plain_open_clip(labelled, toyworld_dir):
     dropped = [i for i, n in enumerate(nearest) if n not in labels.concepts]
     assert (labels.labels[dropped] == -1).all()
     assert labels.text_class_means.shape == labels.class_means.shape
-    assert labels.label_of(["train-0000005", "no-such-key"]).tolist() == [int(labels.labels[5]), -1]
+    assert labels.label_of(["shards/train-0000005", "train-0000005"]).tolist() == [int(labels.labels[5]), -1]
 
 
 def test_replayed_view_gives_the_cached_embedding(labelled, toyworld_dir):
     import open_clip
     from PIL import Image
 
-    from clipkd_dino.data.views import view_spec
+    from clipkd_dino.models.factory import image_normalisation
     from clipkd_dino.models import get_tokenizer
 
     out, _ = labelled
@@ -201,14 +215,15 @@ def test_replayed_view_gives_the_cached_embedding(labelled, toyworld_dir):
     manifest = cache.manifest
     assert manifest["views"] == 2 and manifest["teacher"] == "toy-teacher" and len(cache) == 96
     model = open_clip.create_model("toy-teacher", pretrained=str(TEACHER)).eval()
-    spec = view_spec(model, (0.5, 1.0), 0.5, seed=0)
+    mean, std = image_normalisation(model)
+    spec = ViewSpec(size=48, scale=(0.5, 1.0), hflip=0.5, mean=mean, std=std, seed=0)
     assert spec.describe() == manifest["view_spec"]
-    key = "train-0000007"
-    image = Image.open(toyworld_dir / "train" / "images" / f"{key}.png")
+    key = "shards/train-0000007"
+    image = Image.open(toyworld_dir / "train" / "images" / "train-0000007.png")
     with torch.no_grad():
         replayed = model.encode_image(torch.stack([spec(image, key, k) for k in range(2)]))
         captions = (toyworld_dir / "train" / "captions.csv").read_text().splitlines()
-        mine = [line.split("\t")[1] for line in captions if f"{key}.png" in line]
+        mine = [line.split("\t")[1] for line in captions if "train-0000007.png" in line]
         texts = model.encode_text(get_tokenizer("toy-teacher")(mine))
     for k in range(2):
         assert torch.allclose(cache.image(key, k), replayed[k], rtol=2e-3, atol=2e-3)
@@ -227,7 +242,8 @@ def test_torchrun_two_processes_equal_one(labelled, toyworld_dir, tmp_path):
     assert one_labels.concepts == two_labels.concepts
     assert torch.allclose(one_labels.class_means, two_labels.class_means, atol=1e-6)
     assert torch.allclose(one_labels.text_class_means, two_labels.text_class_means, atol=1e-6)
-    assert torch.allclose(TeacherCache(out).image("train-0000050", 1), TeacherCache(two).image("train-0000050", 1))
+    assert torch.allclose(TeacherCache(out).image("shards/train-0000050", 1),
+                          TeacherCache(two).image("shards/train-0000050", 1))
 
 
 def test_a_killed_pass_resumes_without_redoing_finished_units(labelled, toyworld_dir, tmp_path):
@@ -239,13 +255,13 @@ def test_a_killed_pass_resumes_without_redoing_finished_units(labelled, toyworld
     parts = sorted((copy / "parts").glob("*.safetensors"))
     assert len(parts) == 3  # three shards
     (copy / "parts" / parts[1].name).unlink()  # as if killed while the second shard was being labelled
-    (copy / "labels.tsv").unlink()
+    (copy / LABELS_FILE).unlink()
     kept_mtime = parts[0].stat().st_mtime_ns
     _label(toyworld_dir, copy, pool, "--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0",
            "--hflip", "0.5")
     assert parts[0].stat().st_mtime_ns == kept_mtime
     assert (copy / "parts" / parts[1].name).is_file()
-    assert (copy / "labels.tsv").read_text() == (out / "labels.tsv").read_text()
+    assert (copy / LABELS_FILE).read_bytes() == (out / LABELS_FILE).read_bytes()
     # other settings: every unit is redone
     _label(toyworld_dir, copy, pool, "--cache-views", "2", "--min-margin", "0.05")
     assert parts[0].stat().st_mtime_ns != kept_mtime
@@ -265,7 +281,7 @@ def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, to
     args = _label_args(toyworld_dir, tmp_path / "out", pool, *settings, "--batch-size", "8")
     label_batch, batches = LabelPass._label_batch, []
 
-    def sigterm_after_the_fifth(self, batch, pending):  # 40 samples: the first shard of 32, and 8 of the second
+    def sigterm_after_the_fifth(self, batch, pending):  # the first shard's 32 samples, then 7 of the second
         label_batch(self, batch, pending)
         batches.append(len(batch))
         if len(batches) == 5:
@@ -276,12 +292,12 @@ def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, to
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     message = stopped.stderr.strip().splitlines()[-1]
     assert "stopped by SIGTERM after 1 of 3 data units" in message and "run the same command again" in message
-    assert len(batches) == 5 and [p.stem for p in (tmp_path / "out" / "parts").glob("*.json")] == ["00000-train-000000"]
-    assert not (tmp_path / "out" / "labels.tsv").exists()
+    assert len(batches) == 5 and [p.stem for p in (tmp_path / "out" / "parts").glob("*.json")] == ["shards~train-000000"]
+    assert not (tmp_path / "out" / LABELS_FILE).exists()
     monkeypatch.undo()
-    kept = (tmp_path / "out" / "parts" / "00000-train-000000.safetensors").stat().st_mtime_ns
+    kept = (tmp_path / "out" / "parts" / "shards~train-000000.safetensors").stat().st_mtime_ns
     assert clipkd(*args).returncode == 0
-    assert (tmp_path / "out" / "parts" / "00000-train-000000.safetensors").stat().st_mtime_ns == kept
+    assert (tmp_path / "out" / "parts" / "shards~train-000000.safetensors").stat().st_mtime_ns == kept
     resumed, reference = load_labels(tmp_path / "out"), load_labels(out)
     assert resumed.keys == reference.keys and torch.equal(resumed.labels, reference.labels)
     torch.testing.assert_close(resumed.scores, reference.scores, atol=2e-6, rtol=0)
@@ -299,7 +315,7 @@ def test_a_full_disk_keeps_the_finished_units_and_the_rerun_completes(labelled, 
 
     def disk_fills_up(path, write):
         parts.append(path.name)
-        if len(parts) < 2:
+        if len(parts) < 3:  # the first unit's cache part and part
             return real_write(path, write)
 
         def half(stream):
@@ -310,12 +326,14 @@ def test_a_full_disk_keeps_the_finished_units_and_the_rerun_completes(labelled, 
     monkeypatch.setattr(label_pass, "write_atomic", disk_fills_up)
     full = clipkd(*args)
     assert full.returncode == 2 and len(full.stderr.strip().splitlines()[-1:]) == 1
-    assert "00001-train-000001.safetensors: No space left on device; the file there before" in full.stderr
+    assert "shards~train-000001.cache.safetensors: No space left on device; the file there before" in full.stderr
     written = sorted(p.name for p in (tmp_path / "out" / "parts").iterdir())
-    assert written == ["00000-train-000000.json", "00000-train-000000.safetensors"]  # no torn or temporary file
+    assert written == ["shards~train-000000.cache.safetensors", "shards~train-000000.json",
+                       "shards~train-000000.safetensors"]  # no torn or temporary file
     monkeypatch.undo()
     assert clipkd(*args).returncode == 0
-    assert (tmp_path / "out" / "labels.tsv").read_text() == (out / "labels.tsv").read_text()
+    assert (tmp_path / "out" / LABELS_FILE).read_bytes() == (out / LABELS_FILE).read_bytes()
+    assert not list((tmp_path / "out" / "parts").glob("*.cache.safetensors"))  # merged into cache/, then dropped
 
 
 def test_stats_report_precision_against_toyworld_truth(labelled):
@@ -340,9 +358,9 @@ def test_csv_source_groups_captions_by_image(toyworld_dir, tmp_path):
     _label(toyworld_dir, tmp_path / "csv", pool, "--cache-views", "1", "--data",
            str(toyworld_dir / "train" / "captions.csv"))
     labels = load_labels(tmp_path / "csv")
-    assert len(labels) == 96 and labels.keys[0] == "images/train-0000000.png"
+    assert len(labels) == 96 and labels.keys[0] == "captions/images/train-0000000.png"
     cache = TeacherCache(tmp_path / "csv")
-    assert cache.texts("images/train-0000000.png").shape[0] == 5
+    assert cache.texts("captions/images/train-0000000.png").shape[0] == 5
 
 
 def test_bad_arguments_fail_in_one_line(toyworld_dir, tmp_path):
@@ -384,5 +402,5 @@ def test_unreadable_and_missing_images_are_skipped_and_counted(toyworld_dir, tmp
     _label(toyworld_dir, tmp_path / "out", pool, "--data", str(tmp_path / "data.csv"), "--cache-views", "1")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["skipped"] == {"missing_image": 1, "bad_image": 1} and summary["samples"] == 1
-    assert load_labels(tmp_path / "out").keys == [str(good)]
-    assert TeacherCache(tmp_path / "out").texts(str(good)).shape[0] == 2
+    assert load_labels(tmp_path / "out").keys == [f"data/{good}"]
+    assert TeacherCache(tmp_path / "out").texts(f"data/{good}").shape[0] == 2

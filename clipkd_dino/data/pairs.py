@@ -17,15 +17,19 @@ them, even from DataLoader worker processes.
   its own batches (those the DataLoader takes from it in turn); skipped batches are never decoded, and their bad
   samples and broken shard members are not counted again.
 
-Each batch also carries the samples' keys (webdataset `__key__`, or the CSV image path as written), the index of the
-caption drawn among the sample's captions, and the augmentation view drawn (-1 for the model's own random
-transform). With `views` set (distillation from a teacher-embedding cache) the image of a sample is view k of
-`views`, k drawn in [0, num_views), so the cached teacher embedding of exactly those pixels can be looked up.
+Each batch also carries the samples' identities (`keys`: `SOURCE/KEY`, see `identity.py`, with the webdataset
+`__key__` or the CSV image path as written; `ids`: their int64 hashes), the index of the caption drawn among the
+sample's captions, and the augmentation view drawn (-1 for the model's own random transform). With `views` set
+(distillation from a teacher-embedding cache) the image of a sample is view k of `views`, k drawn in
+[0, num_views), so the cached teacher embedding of exactly those pixels can be looked up. A `targets` callable
+(e.g. the cache and label lookups of a distiller) completes each batch in the loader workers: it adds per-sample
+tensors and may drop samples it cannot serve, counting them in `skipped`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -40,8 +44,9 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
-from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.data.faults import BadSample, is_utf8, load_image, shard_fault
+from clipkd_dino.data.identity import csv_source, identity_hashes, sample_identity, shard_sources
+from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
 from clipkd_dino.runtime import init_data_worker
 
@@ -136,23 +141,39 @@ def load_pair(image: bytes | str, caption: str, images: PairImages, tokenizer, k
     return Pair(pixels, tokenizer([caption])[0], key, caption_index, view)
 
 
-def collate_pairs(samples: list, also_skipped: Counter | None = None) -> dict:
-    """Stack the valid samples; count the skipped ones, plus `also_skipped` (e.g. broken shard members)."""
+BatchTargets = Callable[[dict], dict]  # completes a collated batch (see the module doc)
+
+
+def collate_pairs(samples: list, also_skipped: Counter | None = None, targets: BatchTargets | None = None) -> dict:
+    """Stack the valid samples; count the skipped ones, plus `also_skipped` (e.g. broken shard members); then
+    `targets(batch)` when given."""
     valid = [s for s in samples if not isinstance(s, Skipped)]
     skipped = Counter(s.reason for s in samples if isinstance(s, Skipped))
     skipped.update(also_skipped or {})
     images = torch.stack([s.pixels for s in valid]) if valid else torch.empty(0)
     texts = torch.stack([s.tokens for s in valid]) if valid else torch.empty(0, dtype=torch.long)
-    return {"images": images, "texts": texts, "keys": [s.key for s in valid],
-            "caption_index": torch.tensor([s.caption_index for s in valid], dtype=torch.long),
-            "view": torch.tensor([s.view for s in valid], dtype=torch.long), "skipped": dict(skipped)}
+    keys = [s.key for s in valid]
+    batch = {"images": images, "texts": texts, "keys": keys, "ids": torch.from_numpy(identity_hashes(keys)),
+             "caption_index": torch.tensor([s.caption_index for s in valid], dtype=torch.long),
+             "view": torch.tensor([s.view for s in valid], dtype=torch.long), "skipped": dict(skipped)}
+    return targets(batch) if targets is not None else batch
+
+
+PER_SAMPLE = ("images", "texts", "keys", "ids", "caption_index", "view")
+
+
+def select_samples(batch: dict, keep) -> dict:
+    """The batch restricted to the samples where `keep` (bool [B]) is true."""
+    keep = torch.as_tensor(keep, dtype=torch.bool)
+    selected = {name: batch[name][keep] for name in PER_SAMPLE if name != "keys"}
+    return batch | selected | {"keys": [key for key, kept in zip(batch["keys"], keep.tolist()) if kept]}
 
 
 class CsvPairs(Dataset):
     """Rows of an open_clip-style CSV: an image path column and a caption column.
 
-    Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written; its
-    caption index counts the usable captions of the same image in the rows before it (as the teacher cache orders
+    Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written (its
+    identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in the rows before it (as the teacher cache orders
     them). A row whose bytes are not UTF-8 is kept and skipped at each visit (`invalid_utf8`), like any bad sample.
     The view of a row is drawn from (seed, epoch, row), so a resumed epoch replays the same views.
     """
@@ -169,7 +190,8 @@ class CsvPairs(Dataset):
                     "set data.csv_img_key / data.csv_caption_key / data.csv_separator"
                 )
             rows = [(row[img_key], row[caption_key] or "") for row in reader]
-        self.keys = [image for image, _ in rows]
+        source = csv_source(path)
+        self.keys = [sample_identity(source, image) for image, _ in rows]
         self.images = [str(self.path.parent / image) for image, _ in rows]
         self.captions = [caption for _, caption in rows]
         self.utf8 = [is_utf8(image + caption) for image, caption in rows]
@@ -237,7 +259,7 @@ def _shuffled(samples: Iterator, bufsize: int, initial: int, rng: random.Random)
         yield pick()
 
 
-def _decode_webdataset_sample(sample: dict, images: PairImages, tokenizer, draws: random.Random):
+def _decode_webdataset_sample(sample: dict, identity: str, images: PairImages, tokenizer, draws: random.Random):
     """The pair of a raw webdataset sample; view, torch seed (random augmentation) and caption come from `draws`."""
     view = images.draw_view(draws)
     torch_seed = draws.getrandbits(63)
@@ -255,7 +277,7 @@ def _decode_webdataset_sample(sample: dict, images: PairImages, tokenizer, draws
     try:
         torch.default_generator.manual_seed(torch_seed)
         return load_pair(sample[image_key], captions[index] if captions else "",
-                         images, tokenizer, sample["__key__"], index, view)
+                         images, tokenizer, identity, index, view)
     finally:
         torch.set_rng_state(state)
 
@@ -272,10 +294,11 @@ class WebdatasetEpoch(IterableDataset):
     """
 
     def __init__(self, urls: list[str], images: PairImages, tokenizer, batch_size: int, shuffle_buffer: int,
-                 seed: int, rank: int, epoch: int, skip: int, stop: int) -> None:
+                 seed: int, rank: int, epoch: int, skip: int, stop: int, targets: BatchTargets | None = None) -> None:
         self.urls, self.images, self.tokenizer, self.batch_size = urls, images, tokenizer, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.epoch = shuffle_buffer, seed, rank, epoch
-        self.skip, self.stop = skip, stop
+        self.skip, self.stop, self.targets = skip, stop, targets
+        self.sources = {shard.url: shard.source for shard in shard_sources(urls)}
 
     def raw_samples(self) -> Iterator[tuple[dict, list[tuple[str, Exception]]]]:
         """(raw sample, (reason, error) of the shard faults met since the previous one), endlessly, in stream
@@ -340,9 +363,10 @@ class WebdatasetEpoch(IterableDataset):
                 counts[reason] += 1
                 log.warning("skipping unreadable webdataset data (%s): %s", reason, error)
             draws = _draws(self.seed, self.rank, self.epoch, position)
-            samples.append(_decode_webdataset_sample(sample, self.images, self.tokenizer, draws))
+            identity = sample_identity(self.sources[sample["__url__"]], sample["__key__"])
+            samples.append(_decode_webdataset_sample(sample, identity, self.images, self.tokenizer, draws))
             if len(samples) == size:
-                yield collate_pairs(samples, counts)
+                yield collate_pairs(samples, counts, self.targets)
                 samples, counts = [], Counter()
         stream.close()
 
@@ -355,9 +379,9 @@ class TrainData:
     """The training stream of one process: a DataLoader plus how many batches make an epoch."""
 
     def __init__(self, cfg, images: PairImages | Callable, tokenizer, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0) -> None:
+                 world_size: int = 1, seed: int = 0, targets: BatchTargets | None = None) -> None:
         images = images if isinstance(images, PairImages) else PairImages(images)
-        self.cfg, self.images, self.tokenizer = cfg, images, tokenizer
+        self.cfg, self.images, self.tokenizer, self.targets = cfg, images, tokenizer, targets
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.format = data_format(cfg.train, cfg.format)
         if self.format == "csv":
@@ -384,7 +408,8 @@ class TrainData:
     def _loader(self, dataset, epoch: int, **kwargs) -> DataLoader:
         """Its own generator (worker seeds) leaves the global RNG, and so dropout, the same after a resume."""
         workers = self.cfg.workers
-        options = {"batch_size": self.batch_size, "collate_fn": collate_pairs} | kwargs
+        options = {"batch_size": self.batch_size, "collate_fn": functools.partial(collate_pairs, targets=self.targets)
+                   } | kwargs
         return DataLoader(dataset, num_workers=workers, persistent_workers=False,
                           pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
                           worker_init_fn=init_data_worker,
@@ -400,5 +425,5 @@ class TrainData:
 
     def _webdataset_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         dataset = WebdatasetEpoch(self.urls, self.images, self.tokenizer, self.batch_size, self.cfg.shuffle_buffer,
-                                  self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch)
+                                  self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch, self.targets)
         return self._loader(dataset, epoch, batch_size=None, collate_fn=_as_is)  # batches come collated

@@ -6,9 +6,12 @@ resumes unit by unit and torchrun ranks split the units):
 
 - webdataset: a unit is a shard. Its tar headers are indexed once (no image is decoded for that), then members are
   read by offset, so a DataLoader can read a shard with several workers in order. The key is webdataset's
-  `__key__`; captions are the non-empty lines of the `.txt` member; a `.json` member is kept as metadata.
+  `__key__`; captions are the non-empty lines of the `.txt` member; a `.json` member is kept as metadata. A key
+  repeated within a shard is refused (a UserError naming the shard and both members).
 - CSV: rows are grouped by image path (open_clip CSVs hold one row per caption); the key is the image path as
   written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in file order.
+
+A sample's identity is `SOURCE/KEY` (`identity.py`): the unit knows its source.
 
 Faults are counted per reason, never raised (the reasons: docs/reliability.md): a shard that is empty
 (`empty_file`), not a tar (`not_a_tar`) or truncated (`truncated_shard`, once per shard: the samples before the break
@@ -29,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipkd_dino.data.faults import is_utf8
+from clipkd_dino.data.identity import csv_source, sample_identity, shard_sources
 from clipkd_dino.data.pairs import IMAGE_EXTENSIONS, data_format, expand_shards
-from clipkd_dino.errors import ConfigError
+from clipkd_dino.errors import ConfigError, UserError
 
 CSV_UNIT_SIZE = 10_000
 IMAGE_REASONS = ("missing_image", "empty_file", "bad_image")
@@ -48,15 +52,26 @@ class SampleRef:
 
 @dataclass(frozen=True)
 class Unit:
-    """A shard or a block of CSV images; `name` is unique within a data source and stable across runs.
+    """A shard or a block of CSV images of source `source`; `name` (`SOURCE/SHARD` or `SOURCE/BLOCK`) is unique
+    within the data and stable across runs and moves of the data folder.
 
     A shard's samples are indexed on demand (`unit_samples`), so a process only reads the headers of its own units.
     """
 
     name: str
     path: str
+    source: str
     csv_samples: tuple[SampleRef, ...] | None = None
     csv_problems: Counter = field(default_factory=Counter, compare=False)  # rows dropped while reading the CSV
+
+    def identity(self, key: str) -> str:
+        """The identity of this unit's sample `key`."""
+        return sample_identity(self.source, key)
+
+    @property
+    def file_stem(self) -> str:
+        """`name` as a file name."""
+        return self.name.replace("/", "~")
 
 
 @dataclass
@@ -78,7 +93,7 @@ def list_units(source: str, configured_format: str = "auto", csv_separator: str 
     urls = expand_shards(source)
     if not urls:
         raise ConfigError(f"no shards in {source}")
-    return [Unit(f"{position:05d}-{Path(url).stem}", url) for position, url in enumerate(urls)]
+    return [Unit(shard.name, shard.url, shard.source) for shard in shard_sources(urls)]
 
 
 def unit_samples(unit: Unit, problems: Counter) -> tuple[SampleRef, ...]:
@@ -153,7 +168,12 @@ def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
                 if not dot:
                     continue
                 key = f"{directory}/{stem}" if directory else stem
-                samples.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+                members = samples.setdefault(key, {})
+                if ext.lower() in members:
+                    raise UserError(f"{url}: sample key {key!r} appears twice (members {member.name!r} at bytes "
+                                    f"{members[ext.lower()][0]} and {member.offset_data}): keys must be unique "
+                                    "within a data source")
+                members[ext.lower()] = (member.offset_data, member.size)
     except (tarfile.TarError, OSError):
         problems["not_a_tar"] += 1
         return ()
@@ -183,8 +203,8 @@ def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> lis
                 lines.append(caption)
     root = Path(path).parent
     refs = [SampleRef(key, image_path=str(root / key), captions=tuple(lines)) for key, lines in captions.items()]
-    stem = Path(path).stem
-    return [Unit(f"{stem}-{start // CSV_UNIT_SIZE:06d}", path, tuple(refs[start:start + CSV_UNIT_SIZE]),
+    source = csv_source(path)
+    return [Unit(f"{source}/{start // CSV_UNIT_SIZE:06d}", path, source, tuple(refs[start:start + CSV_UNIT_SIZE]),
                  problems if start == 0 else Counter())
             for start in range(0, max(len(refs), 1), CSV_UNIT_SIZE)]
 

@@ -76,12 +76,3 @@ class ViewSpec:
         """JSON-ready: tuples as lists."""
         fields = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         return {"kind": "random_resized_crop", "interpolation": "bicubic", **fields}
-
-
-def view_spec(model: torch.nn.Module, crop_scale: tuple[float, float], hflip: float, seed: int) -> ViewSpec:
-    """The ViewSpec of a model's training transform: its input size and normalisation."""
-    from clipkd_dino.models.factory import image_normalisation, image_size
-
-    mean, std = image_normalisation(model)
-    return ViewSpec(size=image_size(model), scale=tuple(crop_scale), hflip=hflip, mean=tuple(mean), std=tuple(std),
-                    seed=seed)

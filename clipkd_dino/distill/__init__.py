@@ -7,52 +7,60 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clipkd_dino.config import Config
+from clipkd_dino.config import Config, DistillConfig
 from clipkd_dino.distill.distiller import CLIPDistiller
+from clipkd_dino.distill.provenance import check_coverage, check_provenance
 from clipkd_dino.errors import ConfigError
 
 
 def check_distill(config: Config) -> None:
-    """Cheap checks of the `distill:` section (files, modes, compatibility of student and teacher)."""
-    from clipkd_dino.models.factory import check_pretrained, model_config
+    """Cheap checks of the `distill:` section (files, modes, compatibility of student and teacher, provenance of the
+    labels and the cache, and that they cover `data.train`)."""
+    from clipkd_dino.models.loading import check_clip
+    from clipkd_dino.teacher.labels import LABELS_FILE
 
     cfg = config.distill
     if cfg.teacher is None:
         return
-    teacher, student = model_config(cfg.teacher), model_config(config.model.name)
     if cfg.cache is None:
-        check_pretrained(cfg.teacher_pretrained)
-        for part, key in (("vision_cfg", "image_size"), ("text_cfg", "context_length"), ("text_cfg", "vocab_size")):
-            if teacher[part].get(key) != student[part].get(key):
-                raise ConfigError(f"config key 'distill.teacher': the online teacher needs the student's {key} "
-                                  f"({teacher[part].get(key)} != {student[part].get(key)}); use a cache instead")
+        check_clip(cfg.teacher, cfg.teacher_pretrained)
     elif not (Path(cfg.cache) / "cache" / "manifest.json").is_file():
         raise ConfigError(f"config key 'distill.cache': no teacher cache in {cfg.cache} "
                           "(run `clipkd label --cache-views K --out DIR`)")
-    labels = cfg.labels or cfg.cache
-    if (cfg.weights.dino or cfg.weights.dino_text) and not (labels and (Path(labels) / "labels.tsv").is_file()):
+    labels = labels_folder(cfg)
+    if labels and not (Path(labels) / LABELS_FILE).is_file():
         raise ConfigError(f"config key 'distill.labels': the dino-loss needs the output folder of `clipkd label` "
-                          f"(labels.tsv not found in {labels})")
+                          f"({LABELS_FILE} not found in {labels})")
     if not 0.0 < cfg.mask_ratio < 1.0:
         raise ConfigError(f"config key 'distill.mask_ratio' must be in (0, 1), got {cfg.mask_ratio}")
+    check_provenance(cfg, labels)
+    for folder in dict.fromkeys(filter(None, (cfg.cache, labels))):
+        check_coverage(config.data, folder)
+
+
+def labels_folder(cfg: DistillConfig) -> str | None:
+    """The labelling output the dino-loss reads (`distill.labels`, else the cache's folder); None without dino."""
+    return (cfg.labels or cfg.cache) if (cfg.weights.dino or cfg.weights.dino_text) else None
 
 
 def build_objective(config: Config, model: nn.Module, device: torch.device) -> nn.Module:
-    """CLIPObjective for plain training, CLIPDistiller when `distill.teacher` is set."""
+    """CLIPObjective for plain training, CLIPDistiller when `distill.teacher` is set; a distiller's
+    `batch_targets` completes each batch in the loader workers (cache rows, labels)."""
     from clipkd_dino.models.factory import model_config
     from clipkd_dino.train.objectives import CLIPObjective
 
     cfg = config.distill
     if cfg.teacher is None:
         return CLIPObjective(model).to(device)
-    from clipkd_dino.distill.teachers import CachedTeacher, OnlineTeacher
+    from clipkd_dino.distill.teachers import BatchTargets, CachedTeacher, OnlineTeacher
     from clipkd_dino.teacher import load_labels
 
-    teacher = (CachedTeacher(cfg.cache) if cfg.cache else
-               OnlineTeacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_precision, device))
-    labels_dir = cfg.labels or cfg.cache
-    labels = load_labels(labels_dir) if labels_dir and (cfg.weights.dino or cfg.weights.dino_text) else None
+    teacher = (CachedTeacher(cfg.cache, model) if cfg.cache else
+               OnlineTeacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_precision, device, model))
+    labels_dir = labels_folder(cfg)
+    labels = load_labels(labels_dir) if labels_dir else None
     distiller = CLIPDistiller(model, teacher, cfg, int(model_config(config.model.name)["embed_dim"]),
-                              labels.class_means if labels else None,
-                              labels.text_class_means if labels else None, labels)
+                              labels.class_means if labels else None, labels.text_class_means if labels else None)
+    cache = teacher.cache if cfg.cache else None
+    distiller.batch_targets = BatchTargets(cache, labels) if cache or labels else None
     return distiller.to(device)

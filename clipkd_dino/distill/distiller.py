@@ -54,12 +54,10 @@ class CLIPDistiller(nn.Module):
     """Owns the student (`model`) and every learnable extra; reads the teacher through `teacher.features(batch)`."""
 
     def __init__(self, model: nn.Module, teacher, config: DistillConfig, student_dim: int,
-                 class_means: torch.Tensor | None = None, text_class_means: torch.Tensor | None = None,
-                 labels=None) -> None:
+                 class_means: torch.Tensor | None = None, text_class_means: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.model, self.teacher, self.config, self.labels = model, teacher, config, labels
+        self.model, self.teacher, self.config = model, teacher, config
         self.views, self.num_views = teacher.views, teacher.num_views
-        self._keys_checked = False
         weights = config.weights
         d_s, d_t = student_dim, teacher.dim
         self.weights = {"task": weights.task, "crd": weights.crd, "icl": weights.icl,
@@ -75,7 +73,7 @@ class CLIPDistiller(nn.Module):
             raise ConfigError("config key 'distill.weights.mfd': MFD masks patch tokens and needs a ViT student")
         for side, means in (("dino", class_means), ("dino_text", text_class_means)):
             if self.weights[side]:
-                if means is None or labels is None:
+                if means is None:
                     raise ConfigError(f"config key 'distill.weights.{side}' needs 'distill.labels' (the output "
                                       "folder of `clipkd label`, with class means)")
                 if means.shape[1] != d_t:
@@ -84,7 +82,8 @@ class CLIPDistiller(nn.Module):
                 setattr(self, f"{side}_projector", dino_projector(d_s, d_t))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: images [B, 3, H, W], texts [B, L], keys [B], view [B], caption_index [B] -> named losses."""
+        """batch: images [B, 3, H, W], texts [B, L], labels [B] (with the dino-loss) and what the teacher reads
+        (`teachers.py`) -> named losses."""
         w = self.weights
         s_image = self.model.encode_image(batch["images"])
         s_text = self.model.encode_text(batch["texts"])
@@ -119,7 +118,7 @@ class CLIPDistiller(nn.Module):
             losses["loss_afd"] = w["afd"] * afd_loss(g_image, g_text, gt_image, gt_text, self.fuse_image,
                                                      self.fuse_text, scale)
         if w["dino"] or w["dino_text"]:
-            labels = self._labels_of(batch["keys"]).to(s_image.device)
+            labels = batch["labels"].to(s_image.device, non_blocking=True)
             options = {"teacher_norm_scale": self.config.dino_m, "p": self.config.dino_p,
                        "reduction": self.config.dino_reduction}
             if w["dino"]:
@@ -129,17 +128,6 @@ class CLIPDistiller(nn.Module):
                 losses["loss_dino_text"] = w["dino_text"] * dino_loss(
                     self.dino_text_projector(s_text), t_text, self.dino_text_means, labels, **options)
         return losses
-
-    def _labels_of(self, keys: list[str]) -> torch.Tensor:
-        """Pseudo-labels by sample key; a first batch with no key in the labels is a mix-up of data sources."""
-        labels = self.labels.label_of(keys)
-        if not self._keys_checked and keys:
-            if not any(key in self.labels for key in keys):
-                raise ConfigError(f"config key 'distill.labels': no sample of the first batch is labelled (e.g. "
-                                  f"{keys[0]!r}; the labels have keys like {self.labels.keys[0]!r}): label the "
-                                  "same data source as data.train")
-            self._keys_checked = True
-        return labels
 
     @contextlib.contextmanager
     def _masked_patches(self) -> Iterator[None]:

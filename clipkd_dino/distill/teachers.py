@@ -1,44 +1,76 @@
-"""Where the teacher's embeddings come from: the frozen teacher online, or the labelling pass's cache.
+"""Where the teacher's embeddings and the pseudo-labels come from: the frozen teacher online, or the labelling pass's
+cache, and its labels.
 
-Both return the teacher's unnormalised image and caption embeddings of a training batch, float32 on the batch's
-device, without gradients. Neither is an `nn.Module`, so the teacher is never part of the objective: it is not
-DDP-wrapped, not trained, not saved in checkpoints.
+Both teachers return the teacher's unnormalised image and caption embeddings of a training batch, float32 on the
+batch's device, without gradients. Neither is an `nn.Module`, so the teacher is never part of the objective: it is
+not DDP-wrapped, not trained, not saved in checkpoints.
+
+Cache rows and labels are looked up by sample identity in the DataLoader workers (`BatchTargets`), as whole-batch
+numpy operations on memory maps: the training step receives them as tensors, with no per-sample Python.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 
+from clipkd_dino.data.pairs import select_samples
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError
 
 
 class OnlineTeacher:
-    """The frozen teacher in eval mode, optionally with bf16 weights; sees the student's pixels and tokens."""
+    """The frozen teacher in eval mode, optionally with bf16 weights; sees the student's pixels (renormalised from
+    the student's mean and std to its own when they differ) and tokens."""
 
     views: ViewSpec | None = None
     num_views = 0
 
-    def __init__(self, name: str, pretrained: str | None, precision: str, device: torch.device) -> None:
-        from clipkd_dino.models import create_model, model_config
+    def __init__(self, name: str, pretrained: str | None, precision: str, device: torch.device,
+                 student: torch.nn.Module) -> None:
+        from clipkd_dino.models.factory import image_normalisation, image_size
+        from clipkd_dino.models.loading import load_clip
 
-        self.model = create_model(name, pretrained, device).eval()
+        loaded = load_clip(name, pretrained, device)
+        own_tokens = loaded.model.token_embedding.num_embeddings if hasattr(loaded.model, "token_embedding") else None
+        for what, mine, theirs in (("image_size", loaded.image_size, image_size(student)),
+                                   ("context_length", loaded.context_length, student.context_length),
+                                   ("vocab_size", own_tokens, student.token_embedding.num_embeddings)):
+            if mine != theirs:
+                raise ConfigError(f"config key 'distill.teacher': the online teacher needs the student's {what} "
+                                  f"({mine} != {theirs}); distil from a cache (`clipkd label --cache-views K`), "
+                                  "whose views are made for the student's input")
+        self.model = loaded.model.eval()
         self.model.requires_grad_(False)
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model.to(self.dtype)
-        self.dim = int(model_config(name)["embed_dim"])
-        self.logit_scale = float(self.model.logit_scale.exp())
+        self.dim, self.logit_scale = loaded.embed_dim, loaded.logit_scale
+        self.renormalise = None
+        student_normalisation = image_normalisation(student)
+        if (loaded.mean, loaded.std) != student_normalisation:  # x_t = (x_s * std_s + mean_s - mean_t) / std_t
+            mean_s, std_s = (torch.tensor(v, device=device).view(3, 1, 1) for v in student_normalisation)
+            mean_t, std_t = (torch.tensor(v, device=device).view(3, 1, 1) for v in (loaded.mean, loaded.std))
+            self.renormalise = (std_s / std_t, (mean_s - mean_t) / std_t)
 
     @torch.no_grad()
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.model.encode_image(batch["images"].to(self.dtype)).float()
+        pixels = batch["images"]
+        if self.renormalise is not None:
+            scale, shift = self.renormalise
+            pixels = pixels * scale + shift
+        image = self.model.encode_image(pixels.to(self.dtype)).float()
         return image, self.model.encode_text(batch["texts"]).float()
 
 
 class CachedTeacher:
-    """Embeddings read from a teacher-embedding cache by (sample key, view drawn, caption drawn): no forward."""
+    """Embeddings of the view and caption drawn for each sample, read from a teacher-embedding cache in the loader
+    workers (`BatchTargets`): no forward. `views` replays the cached crops at the student's input size and
+    normalisation, so a teacher at another resolution works."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, student: torch.nn.Module) -> None:
+        from clipkd_dino.models.factory import image_normalisation, image_size
         from clipkd_dino.teacher import TeacherCache
 
         self.cache = TeacherCache(directory)
@@ -48,13 +80,49 @@ class CachedTeacher:
                               "(run `clipkd label --cache-views K` with K >= 1)")
         spec = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["view_spec"].items()
                 if k not in ("kind", "interpolation")}
-        self.views, self.num_views = ViewSpec(**spec), int(manifest["views"])
+        mean, std = image_normalisation(student)
+        self.views = replace(ViewSpec(**spec), size=image_size(student), mean=mean, std=std)
+        self.num_views = int(manifest["views"])
         self.dim = int(manifest["dim"])
         self.logit_scale = float(manifest["teacher_logit_scale"])
 
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = batch["images"].device
-        keys, views, captions = batch["keys"], batch["view"].tolist(), batch["caption_index"].tolist()
-        image = torch.stack([self.cache.image(key, view) for key, view in zip(keys, views)])
-        text = torch.stack([self.cache.texts(key)[index] for key, index in zip(keys, captions)])
-        return image.to(device, non_blocking=True), text.to(device, non_blocking=True)
+        return (batch["teacher_image"].to(device, non_blocking=True),
+                batch["teacher_text"].to(device, non_blocking=True))
+
+
+class BatchTargets:
+    """Completes a collated batch in the loader worker: `teacher_image`, `teacher_text` [B, D] from the cache (the
+    view and caption drawn) and `labels` [B] from the pseudo-labels, by the samples' identity hashes. A sample the
+    labels or the cache do not hold is dropped and counted as `not_labelled` / `not_in_cache`."""
+
+    def __init__(self, cache=None, labels=None) -> None:
+        self.cache, self.labels = cache, labels
+
+    def __call__(self, batch: dict) -> dict:
+        ids = batch["ids"].numpy()
+        keep = np.ones(len(ids), dtype=bool)
+        skipped = dict(batch["skipped"])
+        labels = None
+        if self.labels is not None:
+            labels, found = self.labels.label_rows(ids)
+            keep &= found
+            _count(skipped, "not_labelled", int((~found).sum()))
+        if self.cache is not None:
+            found = self.cache.covered(ids, batch["caption_index"].numpy())
+            _count(skipped, "not_in_cache", int((keep & ~found).sum()))
+            keep &= found
+        batch = select_samples(batch, keep) if not keep.all() else batch
+        batch["skipped"] = skipped
+        if labels is not None:
+            batch["labels"] = torch.from_numpy(labels[keep])
+        if self.cache is not None:
+            batch["teacher_image"], batch["teacher_text"] = self.cache.lookup(
+                batch["ids"].numpy(), batch["view"].numpy(), batch["caption_index"].numpy())
+        return batch
+
+
+def _count(skipped: dict, reason: str, count: int) -> None:
+    if count:
+        skipped[reason] = skipped.get(reason, 0) + count

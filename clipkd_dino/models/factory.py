@@ -3,17 +3,27 @@
 Importing this module registers our configs with open_clip, so `open_clip.create_model_and_transforms(NAME,
 pretrained=PATH)` works for them too. A model whose text vocabulary is smaller than open_clip's uses the shipped
 compact vocabulary of that size (see `tokenizer.py`); all other models use open_clip's tokenizer.
+
+`resolve` + `build` are the one way we make an open_clip model from a name and weights: a local file, an open_clip
+tag (its file from the Hugging Face cache, where open_clip's own resolution finds it), or a `local-dir:` folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import open_clip
 import torch
+from huggingface_hub import is_offline_mode
+from open_clip.factory import _find_checkpoint_in_dir
+from PIL import Image
 from torchvision import transforms as T
 
 from clipkd_dino.errors import ConfigError
@@ -22,9 +32,13 @@ from clipkd_dino.models.tokenizer import CompactTokenizer, shipped_vocabularies
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 OPENCLIP_VOCAB_SIZE = 49408
+LOCAL_DIR_PREFIX = "local-dir:"
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")  # ints in OpenAI's TorchScript state
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
+Transform = Callable[[Image.Image], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def available_models() -> list[str]:
@@ -47,22 +61,149 @@ def check_pretrained(path: str | None) -> None:
         raise ConfigError(f"pretrained checkpoint not found: {path}")
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What a name and its weights load as: `name`, the architecture to build; `pretrained`, what open_clip gets (a
+    file or a tag; None for a `local-dir:` folder or no weights); `weights_file`, the local file the weights are read
+    from (None: no weights, or a tag whose file is not looked up yet, see `resolve`)."""
+
+    name: str
+    pretrained: str | None
+    weights_file: Path | None
+
+
+def resolve(name: str, pretrained: str | None = None, download: bool = True) -> Resolved:
+    """Check `name` + `pretrained` and find the weights' file without loading them; a one-line ConfigError otherwise.
+
+    `name`: an open_clip architecture (`-quickgelu` ones included), a shipped config, or `local-dir:DIR` (no
+    `pretrained`). `pretrained`: None, an open_clip tag of `name` or a local file (open_clip's order). A tag's file
+    comes from open_clip's own resolution (`open_clip.pretrained.download_pretrained`): from the Hugging Face cache
+    when HF_HUB_OFFLINE is set, else downloaded, or left unresolved (`weights_file` None) when not `download`. A tag
+    trained with QuickGELU under a GELU architecture builds `NAME-quickgelu` (open_clip 3 would build GELU and warn).
+    """
+    if name.startswith(LOCAL_DIR_PREFIX):
+        return _resolve_local_dir(name, pretrained)
+    config = model_config(name)
+    if not pretrained:
+        return Resolved(name, None, None)
+    tag = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag:
+        file = _tag_file(name, pretrained, tag) if download or is_offline_mode() else None
+        return Resolved(_tag_architecture(name, pretrained, config, tag), pretrained, file)
+    if Path(pretrained).is_file():
+        return Resolved(name, pretrained, Path(pretrained).absolute())
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ConfigError(f"pretrained checkpoint not found: {pretrained} (nor is it an open_clip tag of {name!r}: "
+                      f"{', '.join(tags) or 'it has none'})")
+
+
+def _resolve_local_dir(name: str, pretrained: str | None) -> Resolved:
+    folder = Path(name[len(LOCAL_DIR_PREFIX):])
+    if pretrained:
+        raise ConfigError(f"{name} holds its own weights: give no pretrained (got {pretrained!r})")
+    if not (folder / "open_clip_config.json").is_file():
+        raise ConfigError(f"{name}: not an open_clip model folder ({folder / 'open_clip_config.json'} not found)")
+    file = _find_checkpoint_in_dir(folder)  # the file open_clip itself loads from the folder
+    if file is None:
+        raise ConfigError(f"{name}: no weights file in {folder} (*.safetensors, *.bin or *.pth)")
+    return Resolved(name, None, Path(file).absolute())
+
+
+def _tag_file(name: str, tag: str, tag_config: dict) -> Path:
+    """The local file of an open_clip tag, found (or downloaded) exactly as open_clip.create_model finds it."""
+    try:
+        return Path(open_clip.pretrained.download_pretrained(tag_config))
+    except (OSError, RuntimeError, ValueError) as error:
+        source = tag_config.get("hf_hub") or tag_config.get("url")
+        if is_offline_mode():
+            raise ConfigError(f"weights of {name!r} pretrained={tag!r} ({source}) are not in the Hugging Face cache "
+                              "and HF_HUB_OFFLINE is set: download them once with network (open_clip.create_model("
+                              f"{name!r}, pretrained={tag!r})) or pass the weights file") from None
+        raise ConfigError(f"cannot download the weights of {name!r} pretrained={tag!r} ({source}): "
+                          f"{load_error_reason(error)}") from None
+
+
+def _tag_architecture(name: str, tag: str, config: dict, tag_config: dict) -> str:
+    if not tag_config.get("quick_gelu") or config.get("quick_gelu"):
+        return name
+    quick = f"{name}-quickgelu"  # open_clip registers QuickGELU tags under this name too
+    if open_clip.get_model_config(quick) is None or not open_clip.get_pretrained_cfg(quick, tag):
+        raise ConfigError(f"pretrained={tag!r} of {name!r} was trained with QuickGELU and open_clip has no {quick!r} "
+                          "with this tag")
+    log.info("%s pretrained=%r was trained with QuickGELU: building %s", name, tag, quick)
+    return quick
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether `path` is a TorchScript archive (how OpenAI distributes CLIP): a zip with a top-level constants.pkl,
+    torch's own sign (a torch.save file is a zip without it)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(member.split("/", 1)[-1] == "constants.pkl" for member in archive.namelist())
+
+
 @contextlib.contextmanager
-def _loading(name: str, pretrained: str | None) -> Iterator[None]:
+def _loading(name: str, pretrained: str | Path | None) -> Iterator[None]:
     """Turn open_clip's loading errors into one-line ConfigErrors naming the model and the file."""
     try:
         yield
     # weights not cached offline, a foreign state dict, a pickle torch.load(weights_only=True) refuses, ...
     except (RuntimeError, ValueError, OSError, pickle.UnpicklingError) as error:
-        raise ConfigError(f"cannot load {name!r} with pretrained={pretrained!r}: {load_error_reason(error)}") from None
+        lines = str(error).strip().splitlines()
+        reason = f"{lines[0]} {lines[1].strip()}"[:300] if len(lines) > 1 and lines[0].endswith(":") \
+            else load_error_reason(error)  # "Error(s) in loading state_dict for CLIP:" then the keys
+        raise ConfigError(f"cannot load {name!r} with pretrained={str(pretrained)!r}: {reason}") from None
+
+
+def build(resolved: Resolved, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Transform]:
+    """(model in fp32 on `device`, its eval preprocessing) as `resolved` says, through open_clip."""
+    if resolved.pretrained and resolved.weights_file and is_torchscript_archive(resolved.weights_file):
+        return _build_from_torchscript(resolved.name, resolved.weights_file, device)
+    with _loading(resolved.name, resolved.pretrained):
+        model, _, transform = open_clip.create_model_and_transforms(resolved.name, pretrained=resolved.pretrained,
+                                                                    device=device)
+    return model, transform
+
+
+def _build_from_torchscript(name: str, file: Path, device: str | torch.device) -> tuple[torch.nn.Module, Transform]:
+    """OpenAI's release format, which torch.load(weights_only=True) refuses: read with torch.jit.load (TorchScript's
+    own loader, no Python unpickling); its state dict (OpenAI's layout is open_clip's) loaded strictly into `name`."""
+    if not model_config(name).get("quick_gelu"):
+        log.warning("%s looks like OpenAI's release (a TorchScript archive) but %r uses GELU: OpenAI's weights need "
+                    "QuickGELU, the activation is probably wrong: use %r", file, name, f"{name}-quickgelu")
+    with _loading(name, file):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates torch.jit
+            archive = torch.jit.load(str(file), map_location="cpu")
+        state = {key: value for key, value in archive.state_dict().items() if key not in OPENAI_METADATA_KEYS}
+        with _no_random_init_warning():
+            model, _, transform = open_clip.create_model_and_transforms(name)
+        model.load_state_dict(state)
+    return model.to(device), transform
+
+
+@contextlib.contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning (on the root logger) for a model whose weights follow."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    logging.root.addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(keep)
 
 
 def create_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An open_clip CLIP model in fp32 on `device`, optionally loaded from a local checkpoint file."""
-    model_config(name)
-    check_pretrained(pretrained)
-    with _loading(name, pretrained):
-        return open_clip.create_model(name, pretrained=pretrained, device=device)
+    """An open_clip CLIP model in fp32 on `device`; `name` and `pretrained` (a local file, an open_clip tag or
+    None) as in `resolve`."""
+    resolved = resolve(name, pretrained)
+    if resolved.name != name:
+        log.warning("%s pretrained=%r builds %s (its weights were trained with QuickGELU): name the model %s so "
+                    "that its checkpoints load right", name, pretrained, resolved.name, resolved.name)
+    return build(resolved, device)[0]
 
 
 def get_tokenizer(name: str) -> Tokenizer:
@@ -108,22 +249,6 @@ def image_transforms(model: torch.nn.Module, augment: bool = True, crop_scale: t
 
 def _to_rgb(image):
     return image.convert("RGB")
-
-
-def create_model_and_transform(name: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
-    """(model in fp32 on `device`, its own eval preprocessing), through open_clip.
-
-    `name`: an open_clip architecture, a shipped config, or `local-dir:DIR` (e.g. written by `clipkd export`);
-    `pretrained`: a local checkpoint file or one of open_clip's tags for `name` (from its cache when offline).
-    """
-    model_config(name)
-    tags = open_clip.list_pretrained_tags_by_model(name)
-    if pretrained and not Path(pretrained).is_file() and pretrained not in tags:
-        raise ConfigError(f"pretrained checkpoint not found: {pretrained} (open_clip tags of {name!r}: "
-                          f"{', '.join(tags) or 'none'})")
-    with _loading(name, pretrained):
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    return model, transform
 
 
 def checkpoint_model_name(path: str | Path) -> str:

@@ -1,6 +1,7 @@
 """Class means of unnormalised teacher embeddings: running float64 sums, the `--min-images` cut, files.
 
 Memory is [C, D] whatever the number of images: `ClassSums.add` folds each batch into per-class sums and counts.
+`SparseSums` holds only the classes seen so far ([k, D], k <= min(C, images)): what one data unit keeps and writes.
 Files: `class_means.safetensors` (image [C, D], text [C, D] float32, counts [C], text_counts [C] int64) with a JSON
 sidecar (concept names and everything that produced them). `load_class_means` also reads the reference KD++ centre
 file (JSON: class index -> list of floats).
@@ -38,9 +39,43 @@ class ClassSums:
         self.sums += other.sums.to(self.sums.device)
         self.counts += other.counts.to(self.counts.device)
 
+    def add_sparse(self, classes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """Add the rows of a `SparseSums` (classes [k], sums [k, D], counts [k])."""
+        classes = classes.to(self.sums.device)
+        self.sums.index_add_(0, classes, sums.to(self.sums.device, torch.float64))
+        self.counts.index_add_(0, classes, counts.to(self.counts.device))
+
     def means(self) -> torch.Tensor:
         """[C, D] float32; a class without samples has a zero mean."""
         return (self.sums / self.counts.clamp(min=1)[:, None]).float()
+
+
+class SparseSums:
+    """Float64 sums and counts of embeddings of dimension `dim` for the classes seen so far only: classes [k]
+    (sorted), sums [k, D], counts [k]."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.classes = torch.zeros(0, dtype=torch.int64, device=device)
+        self.sums = torch.zeros(0, dim, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        """embeddings [N, D], labels [N] (-1 = ignored)."""
+        valid = labels >= 0
+        if not valid.any():
+            return
+        labels = labels[valid].to(self.classes.device)
+        classes, inverse = torch.unique(torch.cat([self.classes, labels]), return_inverse=True)
+        old, new = inverse[:len(self.classes)], inverse[len(self.classes):]
+        sums = torch.zeros(len(classes), self.sums.shape[1], dtype=torch.float64, device=self.sums.device)
+        sums.index_add_(0, old, self.sums).index_add_(0, new, embeddings[valid].to(sums.device, torch.float64))
+        counts = torch.zeros(len(classes), dtype=torch.int64, device=self.counts.device)
+        counts.index_add_(0, old, self.counts).index_add_(0, new, torch.ones_like(new))
+        self.classes, self.sums, self.counts = classes, sums, counts
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """CPU tensors named `{prefix}_classes`, `{prefix}_sums`, `{prefix}_counts`."""
+        return {f"{prefix}_{name}": getattr(self, name).cpu().contiguous() for name in ("classes", "sums", "counts")}
 
 
 def dense_classes(counts: torch.Tensor, min_images: int) -> torch.Tensor:

@@ -1,17 +1,22 @@
 """The labelling pass: the frozen teacher labels every training image with its nearest concept, forms the class
 means and, optionally, caches its embeddings of K augmentation views and of every caption.
 
-Work is split into data units (shards, or blocks of CSV images): each is written to `OUT/parts/` as soon as it is
-done (labels, per-concept float64 sums, cache arrays), so a killed pass resumes where it stopped and torchrun ranks
-label disjoint units. The merge then sums the parts in unit order: the result does not depend on the number of
-processes (labels exactly, means up to float64 summation order).
+Work is split into data units (shards, or blocks of CSV images): torchrun rank r labels units r, r + W, ...; its
+DataLoader workers each read whole units in order. A unit is written to `OUT/parts/` as soon as it is done (its rows,
+float64 sums of the concepts it saw, its cache arrays), so a killed pass resumes where it stopped. Memory per rank is
+the concept embeddings [C, D] plus the units in flight (one per loader worker), whatever the number of units.
 
-Outputs in OUT (see `labels.py` for the reader):
-    labels.tsv                key, label (dense class, -1 = none), concept (nearest, even below the thresholds),
-                              score, margin, and truth (the objects' kinds, when the data's metadata has them)
-    class_means.safetensors   image / text means [C, D] and counts; class_means.json: names and every setting
+Rank 0 then merges, with no collective (the other ranks exit when their units are written; rank 0 waits for their
+parts on disk, so no process-group timeout can cut a long merge): it streams the parts in unit order into flat
+binary arrays, one part at a time, then builds the identity index and refuses an identity seen twice. The result
+does not depend on the number of processes (labels exactly, means up to float64 summation order). The merge is
+resumable: the parts stay until it has finished; the cache's parts are deleted once the merged cache is written.
+
+Outputs in OUT (see `labels.py` and `cache.py` for the readers):
+    samples/, labels/         the identity index and per-sample arrays (label, nearest concept, score, margin)
+    class_means.safetensors   image / text means [C, D] and counts; class_means.json: names, provenance, settings
     cache/                    the teacher-embedding cache (`--cache-views K`), see `cache.py`
-    summary.json              counts, skipped samples per reason (docs/reliability.md), timings
+    summary.json              counts, skipped samples per reason (docs/reliability.md), timings, the pass's digest
 
 A sample that cannot be used (see `clipkd_dino.data.samples`) is skipped and counted per reason; with
 `max_bad_fraction` the pass stops (TooManyBadSamples) once more than that fraction of the samples seen were bad.
@@ -19,6 +24,7 @@ A sample that cannot be used (see `clipkd_dino.data.samples`) is skipped and cou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -26,20 +32,23 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from clipkd_dino.data.faults import BadSample, check_max_bad_fraction, enforce_bad_fraction, load_image
-from clipkd_dino.data.samples import SampleRef, Unit, list_units, read_sample, unit_samples
-from clipkd_dino.data.views import ViewSpec, view_spec
+from clipkd_dino.data.identity import SampleIndex, identity_hashes
+from clipkd_dino.data.samples import Unit, list_units, read_sample, unit_samples
+from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import UserError
-from clipkd_dino.files import write_atomic, write_json_atomic
+from clipkd_dino.files import atomic_file, atomic_npy, sha256_file, write_atomic, write_json_atomic
 from clipkd_dino.teacher import cache as cache_files
-from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, dense_classes, renumber, save_class_means
-from clipkd_dino.teacher.labels import LABELS_FILE
+from clipkd_dino.teacher import labels as label_files
+from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, SparseSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
 from clipkd_dino.runtime import init_data_worker
 from clipkd_dino.train.guard import StopSignals
@@ -47,6 +56,8 @@ from clipkd_dino.train.guard import StopSignals
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATES = REPO / "concepts" / "prompts.json"
 PARTS_DIR = "parts"
+WAIT_POLL_SECONDS = 2.0  # rank 0 looks for the other ranks' parts this often
+MERGE_CHUNK = 1 << 20  # rows per chunk when the merge renumbers labels
 
 
 @dataclass
@@ -99,11 +110,10 @@ def read_templates(path: str | None) -> list[str]:
 def check_settings(settings: LabelSettings) -> None:
     """Every check that needs no heavy work; a one-line UserError names the flag or file."""
     from clipkd_dino.data.pairs import check_sources
-    from clipkd_dino.models.factory import check_pretrained, model_config
+    from clipkd_dino.models.loading import check_clip
     from clipkd_dino.runtime import PRECISIONS
 
-    model_config(settings.teacher)
-    check_pretrained(settings.teacher_pretrained)
+    check_clip(settings.teacher, settings.teacher_pretrained)
     if not Path(settings.concepts).is_file():
         raise UserError(f"--concepts: concept pool not found: {settings.concepts}")
     check_sources(settings.data, settings.data_format, key="--data")
@@ -125,30 +135,33 @@ def check_settings(settings: LabelSettings) -> None:
             raise UserError(message)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------- reading
-class _UnitSamples(Dataset):
-    """The samples of some units, in order: the eval view, K replayable views, the captions, the ground truth."""
+class _UnitStream(IterableDataset):
+    """The samples of some units: DataLoader worker w reads units w, w + W, ... whole and in order, each sample
+    with its eval view, K replayable views, captions and ground truth; after a unit's last sample, an end marker
+    `{"unit": n, "end": problems}` (the faults met while indexing it). A unit that cannot be read at all (e.g. a
+    key repeated within a shard) gives `{"unit": n, "error": message}`."""
 
-    def __init__(self, units: list[tuple[int, Unit, tuple[SampleRef, ...]]], eval_transform, views: ViewSpec,
-                 num_views: int) -> None:
-        self.items = [(number, unit.path, ref) for number, unit, refs in units for ref in refs]
-        self.eval_transform, self.views, self.num_views = eval_transform, views, num_views
+    def __init__(self, units: list[tuple[int, Unit]], eval_transform, views: ViewSpec, num_views: int) -> None:
+        self.units, self.eval_transform, self.views, self.num_views = units, eval_transform, views, num_views
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for number, unit in self.units[worker::workers]:
+            problems: Counter = Counter()
+            try:
+                refs = unit_samples(unit, problems)
+            except UserError as error:
+                yield {"unit": number, "error": str(error)}
+                return
+            for ref in refs:
+                yield self._item(number, unit, read_sample(unit.path, ref))
+            yield {"unit": number, "end": problems}
 
-    def __getitem__(self, index: int) -> dict:
-        number, path, ref = self.items[index]
-        raw = read_sample(path, ref)
-        item = {"unit": number, "key": raw.key, "captions": raw.captions, "truth": _truth(raw.metadata),
+    def _item(self, number: int, unit: Unit, raw) -> dict:
+        identity = unit.identity(raw.key)
+        item = {"unit": number, "identity": identity, "captions": raw.captions, "truth": _truth(raw.metadata),
                 "problem": raw.problem}
         if raw.problem:
             return item
@@ -158,7 +171,7 @@ class _UnitSamples(Dataset):
             item["problem"] = bad.reason
             return item
         item["pixels"] = self.eval_transform(image)
-        item["views"] = [self.views(image, raw.key, k) for k in range(self.num_views)]
+        item["views"] = [self.views(image, identity, k) for k in range(self.num_views)]
         return item
 
 
@@ -171,41 +184,46 @@ def _truth(metadata: dict | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- one unit
-class _UnitResult:
-    """What a unit accumulates until it is written: labels per sample, per-concept sums, cache rows."""
+def _part(parts: Path, unit: Unit, suffix: str) -> Path:
+    return parts / f"{unit.file_stem}{suffix}"
 
-    def __init__(self, name: str, num_concepts: int, dim: int, device: torch.device) -> None:
-        self.name = name
-        self.keys: list[str] = []
+
+class _UnitResult:
+    """What a unit accumulates until it is written: its rows, sums of the concepts it saw, its cache rows."""
+
+    def __init__(self, unit: Unit, dim: int, device: torch.device) -> None:
+        self.unit = unit
+        self.identities: list[str] = []
         self.truth: list[str] = []
         self.nearest: list[torch.Tensor] = []  # [concept, score, margin] rows
-        self.image_sums = ClassSums(num_concepts, dim, device)
-        self.text_sums = ClassSums(num_concepts, dim, device)
+        self.image_sums, self.text_sums = SparseSums(dim, device), SparseSums(dim, device)
         self.cache_images: list[torch.Tensor] = []
         self.cache_texts: list[torch.Tensor] = []
         self.caption_counts: list[int] = []
         self.skipped: Counter = Counter()
 
-    def save(self, parts: Path, digest: str, cache_dir: Path | None, cache_dtype: str) -> None:
+    def save(self, parts: Path, digest: str, cache_dtype: str | None) -> None:
+        """Write the unit's part (and its cache part); the JSON goes last, so a unit is done once it exists."""
         from safetensors.torch import save
 
-        rows = torch.cat(self.nearest) if self.nearest else torch.zeros(0, 3)
-        blob = save({"concept": rows[:, 0].long().contiguous(), "score": rows[:, 1].float().contiguous(),
-                     "margin": rows[:, 2].float().contiguous(),
-                     "image_sums": self.image_sums.sums.cpu(), "image_counts": self.image_sums.counts.cpu(),
-                     "text_sums": self.text_sums.sums.cpu(), "text_counts": self.text_sums.counts.cpu()})
-        if cache_dir is not None:
+        rows = torch.cat(self.nearest) if self.nearest else torch.zeros(0, 3, dtype=torch.float64)
+        blob = save({"concept": rows[:, 0].int().contiguous(), "score": rows[:, 1].float().contiguous(),
+                     "margin": rows[:, 2].float().contiguous(), **self.image_sums.tensors("image"),
+                     **self.text_sums.tensors("text")})
+        if cache_dtype is not None:
             dim = self.image_sums.sums.shape[1]
+            dtype = cache_files.DTYPES[cache_dtype]
             images = torch.cat(self.cache_images) if self.cache_images else torch.zeros(0, 0, dim)
             texts = torch.cat(self.cache_texts) if self.cache_texts else torch.zeros(0, dim)
-            offsets = [0]
-            for count in self.caption_counts:
-                offsets.append(offsets[-1] + count)
-            cache_files.write_unit(cache_dir, self.name, self.keys, cache_files.to_numpy(images, cache_dtype),
-                                   cache_files.to_numpy(texts, cache_dtype), offsets)
-        write_atomic(parts / f"{self.name}.safetensors", lambda stream: stream.write(blob))
-        write_json_atomic(parts / f"{self.name}.json", {"digest": digest, "keys": self.keys, "truth": self.truth,
-                                                          "skipped": dict(self.skipped)}, indent=None)
+            cache_blob = save({"images": images.to(dtype).contiguous(), "texts": texts.to(dtype).contiguous(),
+                               "caption_counts": torch.tensor(self.caption_counts, dtype=torch.int64)})
+            write_atomic(_part(parts, self.unit, ".cache.safetensors"), lambda stream: stream.write(cache_blob))
+        write_atomic(_part(parts, self.unit, ".safetensors"), lambda stream: stream.write(blob))
+        meta = {"digest": digest, "unit": self.unit.name, "samples": len(self.identities),
+                "captions": sum(self.caption_counts), "skipped": dict(self.skipped), "identities": self.identities}
+        if any(self.truth):
+            meta["truth"] = self.truth
+        write_json_atomic(_part(parts, self.unit, ".json"), meta, indent=None)
 
 
 # ---------------------------------------------------------------------------------------------------- the pass
@@ -213,19 +231,21 @@ class LabelPass:
     def __init__(self, settings: LabelSettings) -> None:
         from clipkd_dino.concepts.pool import ConceptPool
         from clipkd_dino.eval.zeroshot import zeroshot_classifier
-        from clipkd_dino.models import create_model, get_tokenizer, image_transforms
+        from clipkd_dino.models.loading import load_clip
         from clipkd_dino.train.distributed import init_process
         from clipkd_dino.train.guard import OutputLock
 
         check_settings(settings)
         self.settings, self.out = settings, Path(settings.out)
+        self.parts = self.out / PARTS_DIR
         self.device, self.dist = init_process(settings.device)
         self.lock = OutputLock(self.out) if self.dist.is_main else None  # one labelling pass per output folder
-        self.teacher = create_model(settings.teacher, settings.teacher_pretrained, self.device).eval()
+        loaded = load_clip(settings.teacher, settings.teacher_pretrained, self.device)
+        self.teacher = loaded.model.eval()
         self.teacher.requires_grad_(False)
-        self.tokenizer = get_tokenizer(settings.teacher)
-        self.eval_transform = image_transforms(self.teacher, augment=False)[1]
-        self.views = view_spec(self.teacher, tuple(settings.crop_scale), settings.hflip, settings.seed)
+        self.tokenizer, self.eval_transform = loaded.tokenizer, loaded.transform
+        self.views = ViewSpec(size=loaded.image_size, scale=tuple(settings.crop_scale), hflip=settings.hflip,
+                              mean=tuple(loaded.mean), std=tuple(loaded.std), seed=settings.seed)
         pool = ConceptPool.load(Path(settings.concepts))
         self.names = pool.names()[: settings.top_k] if settings.top_k else pool.names()
         self.templates = read_templates(settings.templates)
@@ -235,11 +255,13 @@ class LabelPass:
         self.dim = self.concept_vectors.shape[1]
         self.units = list_units(settings.data, settings.data_format, settings.csv_separator, settings.csv_img_key,
                                 settings.csv_caption_key)
+        self.cache_dtype = settings.cache_dtype if settings.cache_views else None
         self.provenance = {
-            "teacher": settings.teacher,
+            "teacher": loaded.name,
             "teacher_checkpoint": str(settings.teacher_pretrained) if settings.teacher_pretrained else None,
-            "teacher_sha256": sha256_file(settings.teacher_pretrained) if settings.teacher_pretrained else None,
-            "teacher_logit_scale": float(self.teacher.logit_scale.exp()),
+            "teacher_weights": str(loaded.weights_file) if loaded.weights_file else None,
+            "teacher_sha256": sha256_file(loaded.weights_file) if loaded.weights_file else None,
+            "teacher_logit_scale": loaded.logit_scale,
             "pool": str(settings.concepts),
             "pool_sha256": sha256_file(settings.concepts),
             "templates": self.templates,
@@ -252,65 +274,85 @@ class LabelPass:
         self.digest = hashlib.sha256(json.dumps({**self.provenance, "settings": unit_inputs},
                                                 sort_keys=True).encode()).hexdigest()
 
-    @torch.no_grad()
     def run(self) -> dict:
+        """Label this rank's units that are not done; on rank 0, wait for every part and merge. Returns the summary
+        on rank 0, {} elsewhere."""
+        start = time.time()
+        mine = [(n, unit) for n, unit in enumerate(self.units) if n % self.dist.world_size == self.dist.rank]
+        todo = [(n, unit) for n, unit in mine if not self._done(unit)]
+        if todo:
+            self._label(todo, len(mine))
+        labelled = time.time() - start
+        if not self.dist.is_main:
+            return {}
+        self._wait_for_parts()
+        return self._merge(labelled)
+
+    @torch.no_grad()
+    def _label(self, todo: list[tuple[int, Unit]], mine: int) -> None:
         from clipkd_dino.runtime import autocast
 
-        start = time.time()
-        parts = self.out / PARTS_DIR
-        cache_dir = self.out / cache_files.CACHE_DIR if self.settings.cache_views else None
-        mine = [(n, unit) for n, unit in enumerate(self.units) if n % self.dist.world_size == self.dist.rank]
-        todo = [(n, unit) for n, unit in mine if not self._done(parts, unit)]
-        indexing: dict[int, Counter] = {n: Counter() for n, _ in todo}
-        indexed = [(n, unit, unit_samples(unit, indexing[n])) for n, unit in todo]
-        dataset = _UnitSamples(indexed, self.eval_transform, self.views, self.settings.cache_views)
-        loader = DataLoader(dataset, batch_size=self.settings.batch_size, num_workers=self.settings.workers,
-                            collate_fn=list, pin_memory=self.device.type == "cuda", worker_init_fn=init_data_worker)
-        pending = {n: _UnitResult(unit.name, len(self.names), self.dim, self.device) for n, unit, _ in indexed}
-        remaining = {n: len(refs) for n, _, refs in indexed}  # samples not yet labelled, per unit
+        workers = min(self.settings.workers, len(todo))
+        loader = DataLoader(_UnitStream(todo, self.eval_transform, self.views, self.settings.cache_views),
+                            batch_size=self.settings.batch_size, num_workers=workers, collate_fn=list,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=init_data_worker,
+                            prefetch_factor=2 if workers else None)
+        units = dict(todo)
+        pending: dict[int, _UnitResult] = {}
         skipped: Counter = Counter()  # this run's, for the progress bar and the max_bad_fraction stop
-        for n, counts in indexing.items():
-            pending[n].skipped.update(counts)
-            skipped.update(counts)
-        seen = sum(skipped.values())
-
-        def save_finished() -> None:
-            for n in [n for n in pending if remaining[n] == 0]:
-                pending.pop(n).save(parts, self.digest, cache_dir, self.settings.cache_dtype)
-
-        save_finished()
-        progress = tqdm(total=len(dataset), unit="img", desc="labelling", disable=not self.dist.is_main,
-                        dynamic_ncols=True)
+        seen = images = 0
+        done = mine - len(todo)  # units of this rank with a part on disk
+        progress = tqdm(total=mine, initial=mine - len(todo), unit="shard", desc="labelling",
+                        disable=not self.dist.is_main, dynamic_ncols=True)
         # A stop signal is this rank's own (ranks label different numbers of batches, so no collective per batch;
         # torchrun forwards a SIGTERM to every rank).
         with StopSignals() as signals, autocast(self.device, self.settings.precision):
             for batch in loader:
-                self._label_batch(batch, pending)
-                skipped.update(item["problem"] for item in batch if item["problem"])
-                seen += len(batch)
+                samples = [item for item in batch if "identity" in item]
+                for item in batch:
+                    if "error" in item:
+                        raise UserError(item["error"])
+                    if "identity" in item and item["unit"] not in pending:
+                        pending[item["unit"]] = _UnitResult(units[item["unit"]], self.dim, self.device)
+                self._label_batch(samples, pending)
+                problems = [item["problem"] for item in samples if item["problem"]]
+                skipped.update(problems)
+                seen += len(samples)
+                images += len(samples) - len(problems)
+                for end in (item for item in batch if "end" in item):
+                    result = pending.pop(end["unit"], None) or _UnitResult(units[end["unit"]], self.dim, self.device)
+                    result.skipped.update(end["end"])
+                    skipped.update(end["end"])
+                    seen += sum(end["end"].values())
+                    result.save(self.parts, self.digest, self.cache_dtype)
+                    done += 1
+                    progress.update(1)
                 enforce_bad_fraction(skipped, seen, self.settings.max_bad_fraction, f"--data {self.settings.data}")
-                progress.update(len(batch))
-                progress.set_postfix(skipped=sum(skipped.values()))
-                remaining.update((n, remaining[n] - count) for n, count in Counter(i["unit"] for i in batch).items())
-                save_finished()
-                if signals.received is not None and pending:
+                progress.set_postfix(images=images, skipped=sum(skipped.values()))
+                if signals.received is not None and done < mine:
                     progress.close()
-                    raise signals.stopped(f"after {len(mine) - len(pending)} of {len(mine)} data units",
-                                          f"they are kept in {parts}", "run the same command again to label the rest")
+                    raise signals.stopped(f"after {done} of {mine} data units", f"they are kept in {self.parts}",
+                                          "run the same command again to label the rest")
         progress.close()
-        labelled = time.time() - start
-        self._barrier()
-        summary = self._merge(parts, cache_dir, labelled) if self.dist.is_main else {}
-        self._barrier()
-        return summary
 
-    def _done(self, parts: Path, unit: Unit) -> bool:
-        meta = parts / f"{unit.name}.json"
-        if not (meta.is_file() and (parts / f"{unit.name}.safetensors").is_file()):
+    def _done(self, unit: Unit) -> bool:
+        """The unit's part exists, was written under these settings, and its cache rows are there or merged."""
+        meta = _part(self.parts, unit, ".json")
+        if not (meta.is_file() and _part(self.parts, unit, ".safetensors").is_file()):
+            return False
+        if self.cache_dtype and not (_part(self.parts, unit, ".cache.safetensors").is_file()
+                                     or self._cache_merged()):
             return False
         try:
             return json.loads(meta.read_text())["digest"] == self.digest
         except (json.JSONDecodeError, KeyError):
+            return False
+
+    def _cache_merged(self) -> bool:
+        manifest = self.out / cache_files.CACHE_DIR / cache_files.MANIFEST
+        try:
+            return json.loads(manifest.read_text()).get("digest") == self.digest
+        except (OSError, json.JSONDecodeError):
             return False
 
     def _label_batch(self, batch: list[dict], pending: dict[int, _UnitResult]) -> None:
@@ -342,7 +384,7 @@ class LabelPass:
             stop = start + len(items)
             first, last = offsets[start], offsets[stop]
             result = pending[unit]
-            result.keys += [item["key"] for item in items]
+            result.identities += [item["identity"] for item in items]
             result.truth += [item["truth"] for item in items]
             result.nearest.append(rows[start:stop])
             result.image_sums.add(features[start:stop], labels[start:stop])
@@ -359,73 +401,158 @@ class LabelPass:
                   for i in range(0, len(captions), size)]
         return torch.cat(chunks) if chunks else torch.zeros(0, self.dim, device=self.device)
 
-    def _barrier(self) -> None:
-        if self.dist.enabled:
-            torch.distributed.barrier()
+    # ------------------------------------------------------------------------------------------------ the merge
+    def _wait_for_parts(self) -> None:
+        """Rank 0 waits, on the file system, for the units of the other ranks (no collective, so no timeout)."""
+        missing = [unit for unit in self.units if not self._done(unit)]
+        if not missing:
+            return
+        with StopSignals() as signals, tqdm(total=len(self.units), initial=len(self.units) - len(missing),
+                                            unit="shard", desc="waiting for the other ranks") as progress:
+            while missing:
+                if signals.received is not None:
+                    raise signals.stopped(f"while waiting for {len(missing)} data units of other ranks",
+                                          f"finished units are kept in {self.parts}",
+                                          "run the same command again to finish")
+                time.sleep(WAIT_POLL_SECONDS)
+                still = [unit for unit in missing if not self._done(unit)]
+                progress.update(len(missing) - len(still))
+                missing = still
 
-    def _merge(self, parts: Path, cache_dir: Path | None, labelled_seconds: float) -> dict:
-        from safetensors.torch import load_file
+    def _metas(self, desc: str) -> Iterator[tuple[Unit, dict]]:
+        """(unit, its part's JSON), unit by unit, with a progress bar."""
+        for unit in tqdm(self.units, unit="shard", desc=desc, dynamic_ncols=True):
+            yield unit, json.loads(_part(self.parts, unit, ".json").read_text())
 
-        image_sums, text_sums = ClassSums(len(self.names), self.dim), ClassSums(len(self.names), self.dim)
+    def _merge(self, labelled_seconds: float) -> dict:
+        start = time.time()
+        sizes = [(meta["samples"], meta["captions"], "truth" in meta) for _, meta in self._metas("merge: sizes")]
+        num_samples = sum(samples for samples, _, _ in sizes)
         skipped: Counter = Counter()
-        loaded = []
-        for unit in self.units:
-            tensors = load_file(str(parts / f"{unit.name}.safetensors"))
-            meta = json.loads((parts / f"{unit.name}.json").read_text())
-            for sums, prefix in ((image_sums, "image"), (text_sums, "text")):
-                sums.sums += tensors[f"{prefix}_sums"]
-                sums.counts += tensors[f"{prefix}_counts"]
-            skipped.update(meta["skipped"])
-            loaded.append((unit.name, tensors, meta))
-        num_samples = sum(len(meta["keys"]) for _, _, meta in loaded)
+        image_sums, text_sums = ClassSums(len(self.names), self.dim), ClassSums(len(self.names), self.dim)
+        samples_dir, labels_dir = self.out / label_files.SAMPLES_DIR, self.out / label_files.LABELS_DIR
+        hashes = np.empty(num_samples, dtype=np.int64)
+        sources: dict[str, dict[str, int]] = {}
+        with contextlib.ExitStack() as files:
+            concept, score, margin = (files.enter_context(atomic_npy(labels_dir / f"{name}.npy", dtype,
+                                                                     (num_samples,)))
+                                      for name, dtype in (("concept", np.int32), ("score", np.float32),
+                                                          ("margin", np.float32)))
+            identities = files.enter_context(atomic_file(samples_dir / label_files.IDENTITIES_FILE))
+            truth = (files.enter_context(atomic_file(samples_dir / label_files.TRUTH_FILE))
+                     if any(with_truth for _, _, with_truth in sizes) else None)
+            row = 0
+            for unit, meta in self._metas("merge: labels"):
+                tensors = _read_part(_part(self.parts, unit, ".safetensors"))
+                stop = row + meta["samples"]
+                for writer, name in ((concept, "concept"), (score, "score"), (margin, "margin")):
+                    writer.write(tensors[name].numpy())
+                hashes[row:stop] = identity_hashes(meta["identities"])
+                identities.write("".join(f"{i}\n" for i in meta["identities"]).encode("utf-8", "surrogateescape"))
+                if truth is not None:
+                    truth.write("".join(f"{t}\n" for t in meta.get("truth", [""] * meta["samples"])).encode())
+                for sums, prefix in ((image_sums, "image"), (text_sums, "text")):
+                    sums.add_sparse(*(tensors[f"{prefix}_{name}"] for name in ("classes", "sums", "counts")))
+                skipped.update(meta["skipped"])
+                sources.setdefault(unit.source, {})[unit.name] = meta["samples"]
+                row = stop
+            index, duplicates = SampleIndex.build(hashes)
+            if duplicates:
+                raise self._duplicate_error(duplicates[0])
+        del hashes
+        index.save(samples_dir)
+        write_json_atomic(samples_dir / label_files.SOURCES_FILE, sources, indent=None)
         seen = num_samples + sum(skipped.values())
         enforce_bad_fraction(skipped, seen, self.settings.max_bad_fraction, f"--data {self.settings.data}", final=True)
         kept = dense_classes(image_sums.counts, self.settings.min_images)
-        self._write_labels(loaded, kept)
+        self._write_labels(labels_dir, kept, num_samples)
         means = ClassMeans(image_sums.means()[kept], image_sums.counts[kept], [self.names[i] for i in kept],
                            text_sums.means()[kept], text_sums.counts[kept])
         labelled = int(means.counts.sum())
         save_class_means(self.out, means, {
-            **self.provenance, "concept_index": kept.tolist(), "num_concepts_searched": len(self.names),
+            **self.provenance, "digest": self.digest, "concept_index": kept.tolist(),
+            "concepts_searched": self.names, "num_concepts_searched": len(self.names),
             "dropped_concepts": {self.names[i]: int(image_sums.counts[i]) for i in range(len(self.names))
                                  if 0 < image_sums.counts[i] < max(self.settings.min_images, 1)},
         })
-        if cache_dir is not None:
-            cache_files.write_manifest(cache_dir, {
-                "format": "clipkd-teacher-cache", "version": 1, "views": self.settings.cache_views,
-                "dtype": self.settings.cache_dtype, "dim": self.dim, "units": [u.name for u in self.units],
-                **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256",
-                                                    "teacher_logit_scale", "view_spec")},
-                "seed": self.settings.seed, "num_samples": num_samples,
-            })
+        if self.cache_dtype and not self._cache_merged():
+            self._merge_cache(num_samples, sum(captions for _, captions, _ in sizes))
         summary = {
             "samples": num_samples, "labelled": labelled, "unlabelled": num_samples - labelled,
             "classes": len(kept), "concepts_searched": len(self.names), "skipped": dict(sorted(skipped.items())),
-            "seen": seen, "max_bad_fraction": self.settings.max_bad_fraction,
-            "processes": self.dist.world_size, "seconds": round(labelled_seconds, 1),
+            "seen": seen, "max_bad_fraction": self.settings.max_bad_fraction, "sources": len(sources),
+            "units": len(self.units), "processes": self.dist.world_size, "seconds": round(labelled_seconds, 1),
+            "merge_seconds": round(time.time() - start, 1),
             "images_per_second": round(num_samples / max(labelled_seconds, 1e-9), 1),
-            "cache_views": self.settings.cache_views,
+            "cache_views": self.settings.cache_views, "digest": self.digest,
         }
         write_json_atomic(self.out / "summary.json", summary)
         return summary
 
-    def _write_labels(self, loaded: list[tuple[str, dict, dict]], kept: torch.Tensor) -> None:
-        with_truth = any(any(meta["truth"]) for _, _, meta in loaded)
+    def _duplicate_error(self, rows: tuple[int, int]) -> UserError:
+        """The one-line refusal of an identity seen twice, naming both units (or, astronomically rarely, a hash
+        collision between two identities)."""
+        places = []
+        start = 0
+        for unit, meta in self._metas("merge: locating a repeated identity"):
+            places += [(unit.name, meta["identities"][row - start]) for row in rows
+                       if start <= row < start + meta["samples"]]
+            start += meta["samples"]
+        (first_unit, first), (second_unit, second) = places
+        if first != second:
+            return UserError(f"samples {first!r} ({first_unit}) and {second!r} ({second_unit}) have the same 64-bit "
+                             "identity hash: rename one of them")
+        return UserError(f"sample key {first!r} appears twice in one data source: in {first_unit} and in "
+                         f"{second_unit}; keys must be unique within a source (sources are told apart by folder)")
 
-        def write(stream) -> None:
-            header = ["key", "label", "concept", "score", "margin"] + (["truth"] if with_truth else [])
-            stream.write(("\t".join(header) + "\n").encode())
-            for _, tensors, meta in loaded:
-                concepts = tensors["concept"]
-                nearest = Nearest(concepts, tensors["score"], tensors["margin"])
+    def _write_labels(self, labels_dir: Path, kept: torch.Tensor, num_samples: int) -> None:
+        """label.npy: the thresholds and the `--min-images` renumbering applied to the nearest concepts, by chunks."""
+        arrays = {name: np.load(labels_dir / f"{name}.npy", mmap_mode="r") for name in ("concept", "score", "margin")}
+        with atomic_npy(labels_dir / "label.npy", np.int32, (num_samples,)) as label:
+            for start in range(0, num_samples, MERGE_CHUNK):
+                chunk = {name: torch.from_numpy(np.array(array[start:start + MERGE_CHUNK]))
+                         for name, array in arrays.items()}
+                nearest = Nearest(chunk["concept"].long(), chunk["score"], chunk["margin"])
                 passed = assign_labels(nearest, self.settings.min_score, self.settings.min_margin)
-                labels = renumber(passed, kept, len(self.names))
-                for row, key in enumerate(meta["keys"]):
-                    fields = [key, str(int(labels[row])), self.names[int(concepts[row])],
-                              f"{float(tensors['score'][row]):.6f}", f"{float(tensors['margin'][row]):.6f}"]
-                    stream.write(("\t".join(fields + ([meta["truth"][row]] if with_truth else [])) + "\n").encode())
+                label.write(renumber(passed, kept, len(self.names)).int().numpy())
 
-        write_atomic(self.out / LABELS_FILE, write)
+    def _merge_cache(self, num_samples: int, num_captions: int) -> None:
+        """Stream the units' cache parts into one set of arrays, write the manifest, then drop the parts."""
+        cache_dir = self.out / cache_files.CACHE_DIR
+        dtype = cache_files.NUMPY_DTYPES[self.cache_dtype]
+        views = self.settings.cache_views
+        with atomic_npy(cache_dir / "images.npy", dtype, (num_samples, views, self.dim)) as images, \
+                atomic_npy(cache_dir / "texts.npy", dtype, (num_captions, self.dim)) as texts, \
+                atomic_npy(cache_dir / "caption_offsets.npy", np.int64, (num_samples + 1,)) as offsets:
+            offsets.write(np.zeros(1))
+            caption = 0
+            for unit, meta in self._metas("merge: cache"):
+                if not meta["samples"]:
+                    continue
+                tensors = _read_part(_part(self.parts, unit, ".cache.safetensors"))
+                images.write(cache_files.to_numpy(tensors["images"], self.cache_dtype))
+                texts.write(cache_files.to_numpy(tensors["texts"], self.cache_dtype))
+                offsets.write(caption + np.cumsum(tensors["caption_counts"].numpy()))
+                caption += meta["captions"]
+        write_json_atomic(cache_dir / cache_files.MANIFEST, {
+            "format": "clipkd-teacher-cache", "version": 2, "views": views, "dtype": self.cache_dtype,
+            "dim": self.dim, "digest": self.digest, "num_samples": num_samples, "num_captions": num_captions,
+            **{k: self.provenance[k] for k in ("teacher", "teacher_checkpoint", "teacher_sha256",
+                                                "teacher_logit_scale", "pool_sha256", "view_spec")},
+            "seed": self.settings.seed,
+        })
+        for unit in self.units:
+            _part(self.parts, unit, ".cache.safetensors").unlink(missing_ok=True)
+
+
+def _read_part(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"cannot read {path}: {error}; delete it and run the same command again") from None
 
 
 def label_dataset(settings: LabelSettings) -> dict:

@@ -34,7 +34,7 @@ from clipkd_dino.eval.retrieval import read_retrieval_file
 from clipkd_dino.eval.zeroshot import read_zeroshot_dir
 from clipkd_dino.files import write_json_atomic
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
-from clipkd_dino.models.factory import check_pretrained
+from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
 from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed, summed_counts
@@ -57,8 +57,7 @@ class Position:
 def check_inputs(config: Config) -> None:
     """Every check that needs no heavy work: values, model name, files. Raises ConfigError naming the key."""
     check_values(config)
-    model_config(config.model.name)
-    check_pretrained(config.model.pretrained)
+    check_clip(config.model.name, config.model.pretrained)
     check_sources(config.data.train, config.data.format)
     if config.data.val_retrieval and not Path(config.data.val_retrieval).is_file():
         raise ConfigError(f"config key 'data.val_retrieval': file not found: {config.data.val_retrieval}")
@@ -86,7 +85,8 @@ class Trainer:
         self.objective = build_objective(config, self.model, device)
         images = PairImages(train_transform, self.objective.views, self.objective.num_views)
         self.data = TrainData(config.data, images, self.tokenizer, config.train.batch_size,
-                              self.dist.rank, self.dist.world_size, config.train.seed)
+                              self.dist.rank, self.dist.world_size, config.train.seed,
+                              getattr(self.objective, "batch_targets", None))
         self.val_retrieval = (read_retrieval_file(config.data.val_retrieval, check_images=False, skip_bad=True)
                               if config.data.val_retrieval else None)
         self.val_zeroshot = read_zeroshot_dir(config.data.val_zeroshot) if config.data.val_zeroshot else None
