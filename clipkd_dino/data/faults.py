@@ -53,6 +53,16 @@ def enforce_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | N
                             f"{limit:g}): {reasons}")
 
 
+def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
+    """(the non-empty lines of a caption member, None), or ([], "missing_caption" | "invalid_utf8"): the one caption
+    decoder of every command (training, labelling, evaluation, concept pools read theirs line by line)."""
+    try:
+        captions = [line for line in (text or b"").decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        return [], "invalid_utf8"
+    return captions, None if captions else "missing_caption"
+
+
 def format_skipped(skipped: Mapping[str, int]) -> str:
     """'12 skipped (bad_image 10, missing_caption 2)' or 'nothing skipped'."""
     total = sum(skipped.values())

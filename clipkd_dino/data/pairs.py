@@ -44,7 +44,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
-from clipkd_dino.data.faults import BadSample, is_utf8, load_image, shard_fault
+from clipkd_dino.data.faults import BadSample, decode_captions, is_utf8, load_image, shard_fault
 from clipkd_dino.data.identity import csv_source, identity_hashes, sample_identity, shard_sources
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
@@ -266,18 +266,14 @@ def _decode_webdataset_sample(sample: dict, identity: str, images: PairImages, t
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_key is None:
         return Skipped("missing_image")
-    if "txt" not in sample:
-        return Skipped("missing_caption")
-    try:
-        captions = [line for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        return Skipped("invalid_utf8")
-    index = draws.randrange(len(captions)) if captions else 0
+    captions, problem = decode_captions(sample.get("txt"))
+    if problem:
+        return Skipped(problem)
+    index = draws.randrange(len(captions))
     state = torch.get_rng_state()  # the model's random transform draws from torch's generator: seed it per sample
     try:
         torch.default_generator.manual_seed(torch_seed)
-        return load_pair(sample[image_key], captions[index] if captions else "",
-                         images, tokenizer, identity, index, view)
+        return load_pair(sample[image_key], captions[index], images, tokenizer, identity, index, view)
     finally:
         torch.set_rng_state(state)
 

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipkd_dino.data.faults import is_utf8
+from clipkd_dino.data.faults import decode_captions, is_utf8
 from clipkd_dino.data.identity import csv_source, sample_identity, shard_sources
 from clipkd_dino.data.pairs import IMAGE_EXTENSIONS, data_format, expand_shards
 from clipkd_dino.errors import ConfigError, UserError
@@ -129,15 +129,6 @@ def read_sample(path: str, ref: SampleRef) -> RawSample:
 def image_member(ref: SampleRef) -> str | None:
     """The extension of a shard sample's image member, None when it has none."""
     return next((ext for ext in IMAGE_EXTENSIONS if ext in ref.members), None)
-
-
-def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
-    """(the non-empty lines of a `.txt` member, None), or ([], "missing_caption" | "invalid_utf8")."""
-    try:
-        captions = [line for line in (text or b"").decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        return [], "invalid_utf8"
-    return captions, None if captions else "missing_caption"
 
 
 def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from clipkd_dino.data.samples import SampleRef, decode_captions, image_member, list_units, unit_samples
+from clipkd_dino.data.faults import decode_captions
+from clipkd_dino.data.samples import SampleRef, image_member, list_units, unit_samples
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.retrieval import RetrievalSet
 from clipkd_dino.eval.skips import skip_or_raise
