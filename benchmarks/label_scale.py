@@ -13,7 +13,8 @@ sample of labels + index and of the cache, merge seconds. Flat means: the U2 row
 Reader row: a synthetic labelling output of N samples (sorted identity index, labels, caption offsets; the
 embeddings are left out), opened in a fresh process as training does; lookups of batches of 1,024 random present
 identities. Columns: bytes on disk per sample, private (anonymous) RSS gained by opening and by 2,000 lookups,
-file-backed RSS gained (the arrays' pages: shared page cache, the same pages for every rank and loader worker), microseconds per batch.
+file-backed RSS gained (the arrays' pages: shared page cache, the same pages for every rank and loader worker),
+microseconds per batch.
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ def main() -> None:
         for units in args.units:
             row = label_run(tmp, teacher, pool, units, args.images_per_unit, args.ranks)
             ranks = " / ".join(f"{r['peak_kib'] / 1024:.0f}" for r in row["ranks"])
-            print(f"| {units} | {row['samples']} | {ranks} | {row['merge_peak_kib'] / 1024:.0f} | {row['merge_seconds']:.1f} | "
+            print(f"| {units} | {row['samples']} | {ranks} | {row['merge_peak_kib'] / 1024:.0f} | "
+                  f"{row['merge_seconds']:.1f} | "
                   f"{row['parts_bytes_per_unit']:,.0f} | {row['labels_bytes_per_sample']:.1f} | "
                   f"{row['cache_bytes_per_sample']:.0f} | {row['wall']:.0f} |", flush=True)
         if args.reader_samples:

@@ -55,7 +55,8 @@ def joined(tmp_path_factory) -> tuple[Path, str, Path]:
                                 "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
     data = f"{root / 'a' / 'train' / 'shards'}::{root / 'b' / 'train' / 'shards'}"
     label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool), data=data,
-                                out=str(root / "out"), templates=str(root / "a" / "val" / "zeroshot" / "templates.json"),
+                                out=str(root / "out"),
+                                templates=str(root / "a" / "val" / "zeroshot" / "templates.json"),
                                 cache_views=1, crop_scale=[0.5, 1.0], workers=0, device="cpu", batch_size=24))
     return root, data, root / "out"
 

@@ -292,7 +292,8 @@ def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, to
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     message = stopped.stderr.strip().splitlines()[-1]
     assert "stopped by SIGTERM after 1 of 3 data units" in message and "run the same command again" in message
-    assert len(batches) == 5 and [p.stem for p in (tmp_path / "out" / "parts").glob("*.json")] == ["shards~train-000000"]
+    written = [p.stem for p in (tmp_path / "out" / "parts").glob("*.json")]
+    assert len(batches) == 5 and written == ["shards~train-000000"]
     assert not (tmp_path / "out" / LABELS_FILE).exists()
     monkeypatch.undo()
     kept = (tmp_path / "out" / "parts" / "shards~train-000000.safetensors").stat().st_mtime_ns

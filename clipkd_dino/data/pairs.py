@@ -173,8 +173,8 @@ class CsvPairs(Dataset):
     """Rows of an open_clip-style CSV: an image path column and a caption column.
 
     Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written (its
-    identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in the rows before it (as the teacher cache orders
-    them). A row whose bytes are not UTF-8 is kept and skipped at each visit (`invalid_utf8`), like any bad sample.
+    identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in
+    the rows before it (as the teacher cache orders them). A row whose bytes are not UTF-8 is kept and skipped at each visit (`invalid_utf8`), like any bad sample.
     The view of a row is drawn from (seed, epoch, row), so a resumed epoch replays the same views.
     """
 

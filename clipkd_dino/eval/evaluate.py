@@ -56,7 +56,8 @@ class Encoder:
                     "bad_reason": torch.tensor([IMAGE_REASONS.index(reason) for _, reason in bad], dtype=torch.long)}
 
         def key() -> dict[str, str]:
-            return {"kind": "images", "weights": self.weights, "data": files_digest(images),
+            return {"kind": "images", "weights": self.weights, "model": self.model_name,
+                    "data": files_digest(images),
                     "preprocess": repr(self.transform), "precision": self.precision,
                     "skip_reasons": "1"}  # entries written before skip reasons were stored lack "bad_reason"
 
