@@ -6,9 +6,10 @@
 Labelling rows: a random teacher with open_clip's tokenizer and a 512-dim head (tiny towers, 32 px, so the forwards
 cost little), C concepts (one prompt each), webdataset shards of a few small JPEGs each, `clipkd label
 --cache-views 1` under torchrun with R gloo ranks (no loader workers, so each rank's RSS is the whole rank). Columns:
-peak RSS of each labelling rank (the merge left out), peak RSS of the merge alone (a rerun in one process on the
-finished parts: imports + teacher + concept embeddings + merge), bytes of the parts per unit, bytes per
-sample of labels + index and of the cache, merge seconds. Flat means: the U2 row's RSS within 10% of the U1 row's.
+peak RSS of each rank at start-up (imports, teacher, concept embeddings) and while labelling its units (in brackets:
+above the RSS the labelling began with, i.e. what the units themselves cost), peak RSS
+of the merge (a rerun in one process that finds every part done), bytes of the parts per unit, bytes per sample of
+labels + index and of the cache, merge seconds. Flat means: the U2 row's RSS within 10% of the U1 row's.
 
 Reader row: a synthetic labelling output of N samples (sorted identity index, labels, caption offsets; the
 embeddings are left out), opened in a fresh process as training does; lookups of batches of 1,024 random present
@@ -24,11 +25,11 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,20 +97,35 @@ def make_shards(folder: Path, units: int, per_unit: int) -> Path:
 
 # ------------------------------------------------------------------------------------------------ one labelling run
 def rank_main(args: argparse.Namespace) -> None:
-    """One process of a run: label (under torchrun, with `--skip-merge` the merge is left to a later run), then
-    record this process's peak RSS and the merge's seconds."""
+    """One process of a run: label (under torchrun, with `--skip-merge` the merge is left to a later run), sampling
+    this process's RSS every 20 ms by phase: start-up (imports, teacher, concept embeddings), labelling, merge."""
     from clipkd_dino.teacher import label_pass
 
-    report = {"rank": int(os.environ.get("RANK", "0"))}
-    if args.skip_merge:
-        label_pass.LabelPass._merge = lambda self, seconds: {}
+    peaks: dict[str, float] = {}
+    phase = ["start-up"]
+
+    def sample() -> None:
+        while True:
+            peaks[phase[0]] = max(peaks.get(phase[0], 0), rss_kib())
+            time.sleep(0.02)
+
+    def in_phase(name: str, method):
+        def run(self, *args):
+            peaks[f"{name} start"] = rss_kib()  # what the phase inherits (freed memory is not always returned)
+            phase[0] = name
+            return method(self, *args)
+        return run
+
+    threading.Thread(target=sample, daemon=True).start()
+    label_pass.LabelPass._label = in_phase("labelling", label_pass.LabelPass._label)
+    label_pass.LabelPass._merge = in_phase("merge", (lambda self, seconds: {}) if args.skip_merge
+                                           else label_pass.LabelPass._merge)
     settings = label_pass.LabelSettings(teacher=args.teacher, teacher_pretrained=None, concepts=args.pool,
                                         data=args.data, out=args.out, templates=args.templates, cache_views=1,
                                         workers=0, batch_size=64, device="cpu")
-    start = time.perf_counter()
     label_pass.label_dataset(settings)
-    report |= {"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               "seconds": time.perf_counter() - start}
+    time.sleep(0.05)
+    report = {"rank": int(os.environ.get("RANK", "0")), "peaks_kib": peaks}
     Path(args.report).with_suffix(f".rank{report['rank']}.json").write_text(json.dumps(report))
 
 
@@ -134,7 +150,7 @@ def label_run(tmp: Path, teacher: str, pool: Path, units: int, per_unit: int, ra
     labels = sum(p.stat().st_size for d in ("labels", "samples") for p in (out / d).iterdir())
     cache = sum(p.stat().st_size for p in (out / "cache").iterdir())
     return {"units": units, "samples": summary["samples"], "wall": wall, "ranks": labelling,
-            "merge_seconds": summary["merge_seconds"], "merge_peak_kib": merge["peak_kib"],
+            "merge_seconds": summary["merge_seconds"], "merge_peak_kib": merge["peaks_kib"]["merge"],
             "parts_bytes_per_unit": parts / units, "labels_bytes_per_sample": labels / summary["samples"],
             "cache_bytes_per_sample": cache / summary["samples"]}
 
@@ -216,16 +232,19 @@ def main() -> None:
         pool = make_pool(tmp / "pool.json", args.concepts)
         print(f"\nlabelling: C = {args.concepts} concepts, D = 512, {args.ranks} gloo ranks, "
               f"{args.images_per_unit} images per unit, cache K = 1 (fp16)")
-        print("| units | samples | peak RSS per rank (MiB) | merge alone peak RSS (MiB) | merge s | parts bytes/unit "
-              "| labels+index bytes/sample | cache bytes/sample | wall s |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| units | samples | start-up peak RSS per rank (MiB) | labelling peak RSS per rank (+ growth) (MiB) | merge peak "
+              "RSS (MiB) | merge s | parts bytes/unit | labels+index bytes/sample | cache bytes/sample | wall s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for units in args.units:
             row = label_run(tmp, teacher, pool, units, args.images_per_unit, args.ranks)
-            ranks = " / ".join(f"{r['peak_kib'] / 1024:.0f}" for r in row["ranks"])
-            print(f"| {units} | {row['samples']} | {ranks} | {row['merge_peak_kib'] / 1024:.0f} | "
-                  f"{row['merge_seconds']:.1f} | "
-                  f"{row['parts_bytes_per_unit']:,.0f} | {row['labels_bytes_per_sample']:.1f} | "
-                  f"{row['cache_bytes_per_sample']:.0f} | {row['wall']:.0f} |", flush=True)
+            start_up = " / ".join(f"{r['peaks_kib']['start-up'] / 1024:.0f}" for r in row["ranks"])
+            labelling = " / ".join(f"{r['peaks_kib']['labelling'] / 1024:.0f} "
+                                   f"(+{(r['peaks_kib']['labelling'] - r['peaks_kib']['labelling start']) / 1024:.0f})"
+                                   for r in row["ranks"])
+            print(f"| {units} | {row['samples']} | {start_up} | {labelling} | {row['merge_peak_kib'] / 1024:.0f} | "
+                  f"{row['merge_seconds']:.1f} | {row['parts_bytes_per_unit']:,.0f} | "
+                  f"{row['labels_bytes_per_sample']:.1f} | {row['cache_bytes_per_sample']:.0f} | {row['wall']:.0f} |",
+                  flush=True)
         if args.reader_samples:
             row = reader_row(tmp, args.reader_samples)
             print(f"\nreader: {row['samples']:,} synthetic samples (index + labels + caption offsets; built in "

@@ -103,7 +103,11 @@ class FakeEncoder(torch.nn.Module):
         return images
 
 
-def test_zeroshot_classifier_normalises_each_prompt_before_averaging():
+@pytest.mark.parametrize("prompts_per_block", [8192, 2, 1])  # one block; a class a block (also when 1 < 2 templates)
+def test_zeroshot_classifier_normalises_each_prompt_before_averaging(monkeypatch, prompts_per_block):
+    import clipkd_dino.eval.zeroshot as zeroshot
+
+    monkeypatch.setattr(zeroshot, "PROMPTS_PER_BLOCK", prompts_per_block)
     prompts = ["a cat", "the cat", "a dog", "the dog"]
     model = FakeEncoder([[3, 4, 0], [0, 2, 0], [0, 0, 7], [1, 0, 0]]).train()
     tokenizer = lambda texts: torch.tensor([[prompts.index(text)] for text in texts])  # noqa: E731
