@@ -156,7 +156,8 @@ def _distill_config(tmp_path: Path, data: str, **distill) -> "object":
 
 
 def test_labels_cache_and_teacher_of_other_passes_are_refused_in_one_line(joined, tmp_path):
-    from clipkd_dino.distill import check_distill
+    from clipkd_dino.distill import build_objective, check_distill
+    from clipkd_dino.models import create_model
 
     root, data, out = joined
     check_distill(_distill_config(tmp_path, data, cache=str(out), labels=str(out)))  # one pass: accepted
@@ -174,10 +175,14 @@ def test_labels_cache_and_teacher_of_other_passes_are_refused_in_one_line(joined
     state[first] = state[first] + 1.0
     retrained = tmp_path / "retrained.pt"
     torch.save(weights, retrained)
+    student = create_model("toy-student")
+    online = _distill_config(tmp_path, data, labels=str(out), teacher_pretrained=str(retrained))
+    check_distill(online)  # the online teacher's weights are compared once it is loaded, before training
     with pytest.raises(ConfigError, match=r"distill.labels .* and distill.teacher .*retrained.pt\) disagree on the "
                                           r"teacher weights"):
-        check_distill(_distill_config(tmp_path, data, labels=str(out), teacher_pretrained=str(retrained)))
-    check_distill(_distill_config(tmp_path, data, labels=str(out), teacher_pretrained=str(TEACHER)))
+        build_objective(online, student, torch.device("cpu"))
+    build_objective(_distill_config(tmp_path, data, labels=str(out), teacher_pretrained=str(TEACHER)), student,
+                    torch.device("cpu"))
 
 
 def test_shards_the_labels_do_not_cover_are_refused_and_missing_samples_skipped(joined, tmp_path):

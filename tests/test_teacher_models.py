@@ -195,3 +195,45 @@ def test_hf_folder(hf_dir):  # noqa: F811
     check_clip(f"hf:{hf_dir}", None)
     with pytest.raises(ConfigError, match="holds its own weights"):
         check_clip(f"hf:{hf_dir}", str(TEACHER))
+
+
+def test_label_and_online_distillation_take_an_open_clip_tag_offline(hub, monkeypatch, toyworld_dir, tmp_path):
+    """`clipkd label` and `clipkd train` (online teacher + dino) with `--teacher-pretrained TAG` read from the
+    Hugging Face cache offline; labels made from the checkpoint file carry the same weights digest, so they are
+    accepted with the tag's teacher."""
+    import json
+
+    import yaml
+
+    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.teacher import load_labels
+    from conftest import clipkd
+
+    _register_tag(monkeypatch, ["toy-teacher"], "toyworld", "clipkd-test/toy-teacher")
+    cached = _cache_file(hub, "clipkd-test/toy-teacher", "open_clip_model.safetensors", save(_teacher_state()))
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
+    common = ["--concepts", str(pool), "--data", str(toyworld_dir / "train" / "shards"), "--templates",
+              str(toyworld_dir / "val" / "zeroshot" / "templates.json"), "--workers", "0", "--device", "cpu"]
+    for out, pretrained in (("by_tag", "toyworld"), ("by_file", str(TEACHER))):
+        result = clipkd("label", "--teacher", "toy-teacher", "--teacher-pretrained", pretrained,
+                        "--out", str(tmp_path / out), *common)
+        assert result.returncode == 0, result.stderr[-2000:]
+    by_tag, by_file = load_labels(tmp_path / "by_tag"), load_labels(tmp_path / "by_file")
+    assert by_tag.provenance["teacher_weights"] == str(cached)
+    assert by_tag.provenance["teacher_sha256"] == by_file.provenance["teacher_sha256"]  # same weights, other file
+    assert torch.equal(by_tag.labels, by_file.labels)
+    config = tmp_path / "distill.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name": "toy-student"},
+        "data": {"train": str(toyworld_dir / "train" / "shards"), "workers": 0},
+        "train": {"epochs": 1, "batch_size": 32, "device": "cpu", "output_dir": str(tmp_path / "run"),
+                  "log_every_steps": 1, "eval_every_epochs": 0},
+        "distill": {"teacher": "toy-teacher", "teacher_pretrained": "toyworld", "labels": str(tmp_path / "by_file"),
+                    "weights": {"dino": 1.0}},
+    }))
+    trained = clipkd("train", str(config))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log and all("loss_dino" in entry for entry in log)

@@ -58,6 +58,8 @@ def build_objective(config: Config, model: nn.Module, device: torch.device) -> n
     teacher = (CachedTeacher(cfg.cache, model) if cfg.cache else
                OnlineTeacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_precision, device, model))
     labels_dir = labels_folder(cfg)
+    if not cfg.cache:
+        check_provenance(cfg, labels_dir, teacher.digest)
     labels = load_labels(labels_dir) if labels_dir else None
     distiller = CLIPDistiller(model, teacher, cfg, int(model_config(config.model.name)["embed_dim"]),
                               labels.class_means if labels else None, labels.text_class_means if labels else None)

@@ -1,7 +1,7 @@
 """Start-up checks that the labels, the cache and the online teacher belong together and cover `data.train`.
 
-Each labelling output records the teacher (architecture and the sha256 of its weights), the concept pool's sha256
-and the view spec. Labels from one pass and a cache or an online teacher from another would train the student
+Each labelling output records the teacher (architecture, and the sha256 of its weights' state dict, so that the same
+weights read from another file or format agree), the concept pool's sha256 and the view spec. Labels from one pass and a cache or an online teacher from another would train the student
 against one teacher's embeddings and another's classes without a word: they are refused in one line naming both.
 Coverage is checked per shard (per source for CSV) from the output's `samples/sources.json`, before any sample is
 read; a sample that is still missing at training time is skipped and counted (`not_labelled`, `not_in_cache`).
@@ -15,7 +15,7 @@ from pathlib import Path
 from clipkd_dino.config import DataConfig, DistillConfig
 from clipkd_dino.errors import ConfigError
 
-COMPARED = (("teacher", "teacher architecture"), ("teacher_sha256", "teacher weights (sha256)"),
+COMPARED = (("teacher", "teacher architecture"), ("teacher_sha256", "teacher weights (sha256 of the state dict)"),
             ("pool_sha256", "concept pool (sha256)"))
 
 
@@ -31,15 +31,17 @@ def _output_record(key: str, folder: str) -> tuple[str, str, dict]:
         raise ConfigError(f"config key {key!r}: cannot read {path}: {error}") from None
 
 
-def check_provenance(cfg: DistillConfig, labels_dir: str | None) -> None:
-    """A ConfigError naming both sides when the labels, the cache and the teacher of the config disagree on the
-    teacher's architecture or weights, or the labels and the cache on the concept pool."""
+def check_provenance(cfg: DistillConfig, labels_dir: str | None, online_digest: str | None = None) -> None:
+    """A ConfigError naming both sides when the labels, the cache and the configured teacher disagree on the
+    teacher's architecture (as it builds: `NAME-quickgelu` for an OpenAI tag) or, given `online_digest` (the online
+    teacher's `weights_digest`), its weights; or the labels and the cache on the concept pool."""
     records = []
     if cfg.cache:
         records.append(_output_record("distill.cache", cfg.cache))
     if labels_dir and not (cfg.cache and Path(labels_dir).resolve() == Path(cfg.cache).resolve()):
         records.append(_output_record("distill.labels", labels_dir))
-    records.append(("distill.teacher", f"{cfg.teacher} {cfg.teacher_pretrained or ''}".strip(), _configured(cfg)))
+    records.append(("distill.teacher", f"{cfg.teacher} {cfg.teacher_pretrained or ''}".strip(),
+                    {"teacher": _architecture(cfg), "teacher_sha256": online_digest}))
     for i, (key_a, where_a, a) in enumerate(records):
         for key_b, where_b, b in records[i + 1:]:
             for field, what in COMPARED:
@@ -50,18 +52,14 @@ def check_provenance(cfg: DistillConfig, labels_dir: str | None) -> None:
                         "`clipkd label` pass")
 
 
-def _configured(cfg: DistillConfig) -> dict:
-    """The configured teacher's architecture as it builds (e.g. `NAME-quickgelu` for an OpenAI tag) and the sha256
-    of its weights' file when one is given or cached."""
-    from clipkd_dino.files import sha256_file
+def _architecture(cfg: DistillConfig) -> str | None:
+    """The configured teacher's architecture as it builds."""
     from clipkd_dino.models.factory import resolve
     from clipkd_dino.models.loading import HF_PREFIX
 
     if cfg.teacher.startswith(HF_PREFIX):
-        return {}
-    resolved = resolve(cfg.teacher, cfg.teacher_pretrained, download=False)
-    return {"teacher": resolved.name,
-            "teacher_sha256": sha256_file(resolved.weights_file) if resolved.weights_file else None}
+        return None
+    return resolve(cfg.teacher, cfg.teacher_pretrained, download=False).name
 
 
 def _short(value: str) -> str:

@@ -31,9 +31,10 @@ class OnlineTeacher:
     def __init__(self, name: str, pretrained: str | None, precision: str, device: torch.device,
                  student: torch.nn.Module) -> None:
         from clipkd_dino.models.factory import image_normalisation, image_size
-        from clipkd_dino.models.loading import load_clip
+        from clipkd_dino.models.loading import load_clip, weights_digest
 
         loaded = load_clip(name, pretrained, device)
+        self.digest = weights_digest(loaded.model)  # before any cast: what the labelling pass records
         own_tokens = loaded.model.token_embedding.num_embeddings if hasattr(loaded.model, "token_embedding") else None
         for what, mine, theirs in (("image_size", loaded.image_size, image_size(student)),
                                    ("context_length", loaded.context_length, student.context_length),

@@ -25,16 +25,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipkd" / "embeddings"
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of the model's state dict."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class EmbeddingCache:
     """Tensors computed once per key under `root`; `root=None` disables the cache (always compute)."""
 

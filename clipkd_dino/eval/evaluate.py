@@ -12,7 +12,7 @@ import torch
 from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
 from clipkd_dino.data.samples import IMAGE_REASONS
 from clipkd_dino.errors import UserError
-from clipkd_dino.eval.cache import EmbeddingCache, weights_digest
+from clipkd_dino.eval.cache import EmbeddingCache
 from clipkd_dino.eval.encode import Tokenizer, Transform, encode_image_set, encode_texts, model_device
 from clipkd_dino.eval.retrieval import RetrievalSet, protocol_metrics, read_retrieval_file
 from clipkd_dino.eval.search import resolve_backend
@@ -24,6 +24,7 @@ from clipkd_dino.eval.zeroshot import (
     read_zeroshot_dir,
     zeroshot_accuracy,
 )
+from clipkd_dino.models.loading import weights_digest
 
 
 @dataclass

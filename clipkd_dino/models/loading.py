@@ -11,6 +11,7 @@ and evaluated models.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,17 @@ class LoadedCLIP:
     logit_scale: float
     context_length: int
     weights_file: Path | None
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the model's state dict: the same weights give the same
+    digest whatever file (format, container, location) they were read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_clip(name: str | None, pretrained: str | None) -> None:

@@ -231,7 +231,7 @@ class LabelPass:
     def __init__(self, settings: LabelSettings) -> None:
         from clipkd_dino.concepts.pool import ConceptPool
         from clipkd_dino.eval.zeroshot import zeroshot_classifier
-        from clipkd_dino.models.loading import load_clip
+        from clipkd_dino.models.loading import load_clip, weights_digest
         from clipkd_dino.train.distributed import init_process
         from clipkd_dino.train.guard import OutputLock
 
@@ -260,7 +260,7 @@ class LabelPass:
             "teacher": loaded.name,
             "teacher_checkpoint": str(settings.teacher_pretrained) if settings.teacher_pretrained else None,
             "teacher_weights": str(loaded.weights_file) if loaded.weights_file else None,
-            "teacher_sha256": sha256_file(loaded.weights_file) if loaded.weights_file else None,
+            "teacher_sha256": weights_digest(self.teacher),  # of the weights themselves, not of their file
             "teacher_logit_scale": loaded.logit_scale,
             "pool": str(settings.concepts),
             "pool_sha256": sha256_file(settings.concepts),
