@@ -208,3 +208,38 @@ def test_shards_the_labels_do_not_cover_are_refused_and_missing_samples_skipped(
     assert torch.equal(served["teacher_image"], cache.image(keys[0], 0)[None])
     assert served["labels"].tolist() == labels.label_of(keys[:1]).tolist()
     assert numpy.array_equal(served["ids"].numpy(), identity_hashes(keys[:1]))
+
+
+def test_the_student_sees_its_own_resolution_and_normalisation(joined, monkeypatch):
+    """From the cache, a student at another resolution and normalisation than the teacher's gets the cached crops
+    at its own input; online, the teacher gets the student's pixels renormalised to its own mean and std."""
+    import open_clip
+
+    from clipkd_dino.config import DataConfig
+    from clipkd_dino.data.pairs import PairImages, TrainData
+    from clipkd_dino.distill.teachers import CachedTeacher, OnlineTeacher
+    from clipkd_dino.models import create_model, get_tokenizer, model_config
+    from clipkd_dino.models.factory import image_normalisation
+
+    root, data, out = joined
+    config = model_config("toy-student")
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "toy-student-32",
+                        {**config, "vision_cfg": {**config["vision_cfg"], "image_size": 32}})
+    student = create_model("toy-student-32")
+    student.visual.image_mean, student.visual.image_std = (0.5,) * 3, (0.25,) * 3
+    cached = CachedTeacher(str(out), student)
+    assert (cached.views.size, cached.views.mean, cached.views.std) == (32, (0.5,) * 3, (0.25,) * 3)
+    stream = TrainData(DataConfig(train=data, num_samples=64, workers=0), PairImages(None, cached.views, 1),
+                       get_tokenizer("toy-student"), batch_size=8, seed=0)
+    batch = next(iter(stream.epoch_batches(0)))
+    assert batch["images"].shape[1:] == (3, 32, 32)
+    same_size = create_model("toy-student")
+    same_size.visual.image_mean, same_size.visual.image_std = (0.5,) * 3, (0.25,) * 3
+    online = OnlineTeacher("toy-teacher", str(TEACHER), "fp32", torch.device("cpu"), same_size)
+    pixels = torch.rand(2, 3, 48, 48)
+    student_pixels = (pixels - 0.5) / 0.25
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in image_normalisation(online.model))
+    with torch.no_grad():
+        expected = online.model.encode_image((pixels - mean) / std)
+    image, _ = online.features({"images": student_pixels, "texts": torch.zeros(2, 32, dtype=torch.long)})
+    torch.testing.assert_close(image, expected, rtol=1e-4, atol=1e-4)
