@@ -13,6 +13,7 @@ from torch import nn
 from clipkd_dino.errors import ConfigError, UserError
 from clipkd_dino.models.cnn import CLASSIFIER_NAMES, create_classifier, load_classifier_weights
 from clipkd_dino.models.cnn.registry import ALIASES, CIFAR_CLASSIFIERS
+from test_teacher_models import _cache_file, hub  # noqa: F401  (the fixture: an offline Hugging Face cache)
 
 CIFAR_NAMES = list(CIFAR_CLASSIFIERS)
 
@@ -199,3 +200,35 @@ def test_timm_mobilenetv1(tmp_path):
     torch.testing.assert_close(model.net.get_classifier()(out["pooled"]), out["logits"])
     torch.save(timm.create_model("mobilenetv1_100", num_classes=10).state_dict(), tmp_path / "mv1.pth")
     load_classifier_weights(model, tmp_path / "mv1.pth")
+
+
+def test_library_weights_tags_resolve_offline_from_the_download_caches(hub, tmp_path, monkeypatch):
+    """`tv:NAME` teachers take torchvision weights names, `timm:NAME` ones timm pretrained tags: read from
+    torch.hub's and the Hugging Face cache offline (laid out here with other weights), a one-line error otherwise."""
+    from safetensors.torch import save
+
+    from clipkd_dino.models.cnn.weights import resolve_classifier_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    source = create_classifier("tv:mobilenet_v3_small", 1000)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(source.net.state_dict(), cached)
+    for tag in ("IMAGENET1K_V1", "DEFAULT", "MobileNet_V3_Small_Weights.IMAGENET1K_V1"):
+        assert resolve_classifier_weights("tv:mobilenet_v3_small", tag) == cached
+    loaded = create_classifier("tv:mobilenet_v3_small", 1000)
+    load_classifier_weights(loaded, resolve_classifier_weights("tv:mobilenet_v3_small", "IMAGENET1K_V1"))
+    torch.testing.assert_close(loaded.net.state_dict(), source.net.state_dict(), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="nor is it a torchvision weights name of 'mobilenet_v3_small': "
+                                          "IMAGENET1K_V1"):
+        resolve_classifier_weights("tv:mobilenet_v3_small", "IMAGENET1K_V9")
+    with pytest.raises(ConfigError, match=r"weights 'IMAGENET1K_V1' of 'tv:resnet18' are not in the download cache"):
+        resolve_classifier_weights("tv:resnet18", "IMAGENET1K_V1")
+    with pytest.raises(ConfigError, match=r"weights 'c3_in1k' of 'timm:resnet10t' are not in the download cache"):
+        resolve_classifier_weights("timm:resnet10t", "c3_in1k")
+    timm_source = create_classifier("timm:resnet10t", 1000)
+    snapshot = _cache_file(hub, "timm/resnet10t.c3_in1k", "model.safetensors", save(timm_source.net.state_dict()))
+    assert resolve_classifier_weights("timm:resnet10t", "c3_in1k") == snapshot
+    with pytest.raises(ConfigError, match="a file; weights tags work for tv:NAME and timm:NAME"):
+        resolve_classifier_weights("resnet8x4", "IMAGENET1K_V1")

@@ -28,11 +28,12 @@ from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, load_class_me
 
 
 def load_teacher(config: ClsConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The frozen teacher in eval mode, weights from `model.teacher_pretrained`."""
+    """The frozen teacher in eval mode, weights from `model.teacher_pretrained` (a file or a library weights tag)."""
     from clipkd_dino.models.cnn import create_classifier, load_classifier_weights
+    from clipkd_dino.models.cnn.weights import resolve_classifier_weights
 
     teacher = create_classifier(config.model.teacher, num_classes)
-    load_classifier_weights(teacher, config.model.teacher_pretrained)
+    load_classifier_weights(teacher, resolve_classifier_weights(config.model.teacher, config.model.teacher_pretrained))
     teacher.requires_grad_(False)
     return teacher.eval().to(device)
 

@@ -20,7 +20,8 @@ METHODS = ("vanilla", "kd", "dkd", "reviewkd")
 class ClsModelConfig:
     student: str = "resnet8x4"  # a name of clipkd_dino.models.cnn (CIFAR zoo, tv:NAME, timm:NAME)
     teacher: str | None = None  # None: train `student` alone (method vanilla), e.g. to make a teacher
-    teacher_pretrained: str | None = None  # the teacher's weights: CRD/mdistiller {"model": ...}, torchvision, timm
+    teacher_pretrained: str | None = None  # the teacher's weights: a file (CRD/mdistiller, torchvision, timm) or,
+    # for tv:/timm: teachers, the library's weights tag (IMAGENET1K_V1, a1_in1k) read from its download cache
 
 
 @dataclass
@@ -134,8 +135,13 @@ def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
         check_classifier_name(model.teacher, "model.teacher")
     if needs_teacher and model.teacher_pretrained is None:
         raise ConfigError("config key 'model.teacher_pretrained' is required: a teacher must be trained")
-    if needs_teacher and not _exists(model.teacher_pretrained):
-        raise ConfigError(f"config key 'model.teacher_pretrained': file not found: {model.teacher_pretrained}")
+    if needs_teacher:
+        from clipkd_dino.models.cnn.weights import resolve_classifier_weights
+
+        try:
+            resolve_classifier_weights(model.teacher, model.teacher_pretrained, download=False)
+        except ConfigError as error:
+            raise ConfigError(f"config key 'model.teacher_pretrained': {error}") from None
     if for_training and distill.dino_weight > 0:
         if distill.class_means is None:
             raise ConfigError("config key 'distill.class_means' is required when distill.dino_weight > 0 "
