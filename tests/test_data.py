@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from clipkd_dino.config import DataConfig
-from clipkd_dino.data.pairs import TrainData, expand_shards
+from clipkd_dino.data.pairs import TrainData
+from clipkd_dino.data.samples import expand_shards
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms
 
@@ -137,25 +139,51 @@ def described(batches: list[dict]) -> list[tuple]:
     return [(b["keys"], b["caption_index"].tolist(), b["view"].tolist(), b["skipped"]) for b in batches]
 
 
+def cursors_after(batches: list[dict]) -> dict[int, dict]:
+    """What the trainer keeps for a resume: each stream's cursor from the last of `batches` it produced."""
+    return {b["cursor"]["stream"]: b["cursor"] for b in batches}
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("views, augment", [(True, False), (False, True)])
 def test_webdataset_resumed_epoch_replays_the_uninterrupted_one(toyworld_dir, student, workers, views, augment):
     shards = str(toyworld_dir / "train" / "shards")
-    reference = webdataset(shards, student, 0, views, augment, num_samples=160)
     data = webdataset(shards, student, workers, views, augment, num_samples=160)
-    full = list(reference.epoch_batches(1))
-    assert len(full) == reference.steps_per_epoch == 20
+    full = list(data.epoch_batches(1))
+    assert len(full) == data.steps_per_epoch == 20
     assert all(len(b["keys"]) == 8 for b in full)
     assert all(0 <= c < 5 for b in full for c in b["caption_index"].tolist())
     assert {v for b in full for v in b["view"].tolist()} == ({0, 1, 2, 3} if views else {-1})
     assert len({c for b in full for c in b["caption_index"].tolist()}) > 1
-    uninterrupted = list(data.epoch_batches(1))
-    resumed = list(data.epoch_batches(1, skip_batches=7))
-    assert described(uninterrupted) == described(full), "the batches do not depend on the number of workers"
-    assert described(resumed) == described(full[7:])
-    for got, expected in zip(uninterrupted[7:] + resumed, full[7:] + full[7:]):
+    assert {b["cursor"]["stream"] for b in full} == set(range(max(workers, 1)))
+    restored = list(data.epoch_batches(1, skip_batches=7, cursors=cursors_after(full[:7])))
+    replayed = list(data.epoch_batches(1, skip_batches=7))  # no cursors: each stream replays its prefix
+    assert described(restored) == described(replayed) == described(full[7:])
+    for got, again, expected in zip(restored, replayed, full[7:]):
         assert torch.equal(got["images"], expected["images"]) and torch.equal(got["texts"], expected["texts"])
+        assert torch.equal(again["images"], expected["images"])
     assert list(data.epoch_batches(1, skip_batches=20)) == []
+
+
+def test_webdataset_workers_read_each_shard_visit_once(toyworld_dir, student, monkeypatch):
+    """W workers read W disjoint streams: the samples read per epoch are the samples given out plus the shuffle
+    buffers' fill, not W times the stream. (Each worker's stream is run here, in this process, to count.)"""
+    from clipkd_dino.data import pairs
+
+    counted = []
+    read = pairs.read_sample
+    monkeypatch.setattr(pairs, "read_sample", lambda *args: counted.append(1) or read(*args))
+    data = webdataset(str(toyworld_dir / "train" / "shards"), student, 0, num_samples=160, shuffle_buffer=4)
+    for workers in (1, 2, 4):
+        counted.clear()
+        batches = []
+        for stream in range(workers):
+            monkeypatch.setattr(pairs, "get_worker_info", lambda: SimpleNamespace(id=stream, num_workers=workers))
+            batches += list(pairs.WebdatasetEpoch(data.urls, data.images, data.tokenizer, data.batch_size, 4,
+                                                  data.seed, 0, 0, 0, data.steps_per_epoch))
+        given = sum(len(b["keys"]) + sum(b["skipped"].values()) for b in batches)
+        assert len(batches) == 20 and given == 160
+        assert len(counted) <= given + workers * 5  # plus at most a buffer (4) and one read ahead per stream
 
 
 def test_webdataset_stream_depends_on_seed_rank_and_epoch(toyworld_dir, student):
@@ -172,28 +200,34 @@ def test_webdataset_stream_depends_on_seed_rank_and_epoch(toyworld_dir, student)
     assert draws(buffer_one) == draws(webdataset(shards, student, 0, views=True, shuffle_buffer=1))
 
 
-def test_webdataset_resume_decodes_only_the_batches_left(toyworld_dir, student, monkeypatch):
+def test_webdataset_resume_reads_and_decodes_only_what_is_left(toyworld_dir, student, monkeypatch):
     from clipkd_dino.data import pairs
 
-    decoded = []
-    decode = pairs._decode_webdataset_sample
-    monkeypatch.setattr(pairs, "_decode_webdataset_sample", lambda sample, *args: decoded.append(1) or
-                        decode(sample, *args))
+    decoded, read = [], []
+    decode, read_sample = pairs._decode_raw, pairs.read_sample
+    monkeypatch.setattr(pairs, "_decode_raw", lambda *args: decoded.append(1) or decode(*args))
+    monkeypatch.setattr(pairs, "read_sample", lambda *args: read.append(1) or read_sample(*args))
     data = webdataset(str(toyworld_dir / "train" / "shards"), student, 0, num_samples=96, batch_size=16)
-    assert len(list(data.epoch_batches(0, skip_batches=4))) == 2
+    done = list(data.epoch_batches(0))[:4]
+    decoded.clear(), read.clear()
+    assert len(list(data.epoch_batches(0, skip_batches=4, cursors=cursors_after(done)))) == 2
     assert len(decoded) == 2 * 16
+    assert len(read) <= 20 + 2 * 16 + 2  # the shuffle buffer (20) restored, then the samples of the 2 batches
+    read.clear()
+    assert len(list(data.epoch_batches(0, skip_batches=4))) == 2 and len(read) >= 4 * 16  # no cursors: replayed
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_webdataset_broken_members_are_counted_once_whatever_the_workers_and_resume(tmp_path, toyworld_dir, student,
-                                                                                    workers):
+def test_webdataset_broken_members_are_counted_once_whatever_the_resume(tmp_path, toyworld_dir, student, workers):
     source = sorted((toyworld_dir / "train" / "shards").glob("*.tar"))[0]
     (tmp_path / "good.tar").write_bytes(source.read_bytes())
     (tmp_path / "truncated.tar").write_bytes(source.read_bytes()[:20000])
     train = f"{tmp_path / 'good.tar'}::{tmp_path / 'truncated.tar'}"
-    reference = list(webdataset(train, student, 0, num_samples=160, shuffle_buffer=4).epoch_batches(0))
+    data = webdataset(train, student, workers, num_samples=400, shuffle_buffer=4)
+    reference = list(data.epoch_batches(0))
     bad = [i for i, b in enumerate(reference) if b["skipped"].get("truncated_shard")]
-    assert bad and bad[-1] >= 5, "the test needs broken members after the resume point"
-    data = webdataset(train, student, workers, num_samples=160, shuffle_buffer=4)
+    assert len(bad) >= 2 and bad[-1] >= 1, "the test needs broken members after the resume point"
+    resume = bad[-1] - 1
     assert described(list(data.epoch_batches(0))) == described(reference)
-    assert described(list(data.epoch_batches(0, skip_batches=5))) == described(reference[5:])
+    restored = list(data.epoch_batches(0, skip_batches=resume, cursors=cursors_after(reference[:resume])))
+    assert described(restored) == described(reference[resume:])

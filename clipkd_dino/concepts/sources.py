@@ -56,7 +56,7 @@ class Source:
 def expand_sources(patterns: Sequence[str]) -> list[Source]:
     """Expand each pattern as `clipkd train` does (brace patterns, sets joined by '::', a folder for its *.tar
     shards; `clipkd_dino.data.pairs.expand_shards`) and check that each file exists and has a known format."""
-    from clipkd_dino.data.pairs import expand_shards
+    from clipkd_dino.data.samples import expand_shards
 
     sources = []
     for pattern in patterns:

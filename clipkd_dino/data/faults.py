@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
@@ -95,17 +94,6 @@ def load_image(source: bytes | str | Path) -> Image.Image:
             return image
     except _IMAGE_ERRORS as error:
         raise BadSample("bad_image", str(error)) from None
-
-
-def shard_fault(url: str) -> str:
-    """The reason a shard that could not be read to its end is counted under: "empty_file", "not_a_tar" (also an
-    unreadable file) or "truncated_shard"."""
-    try:
-        if os.path.getsize(url) == 0:
-            return "empty_file"
-        return "truncated_shard" if tarfile.is_tarfile(url) else "not_a_tar"
-    except OSError:
-        return "not_a_tar"
 
 
 def is_utf8(text: str) -> bool:

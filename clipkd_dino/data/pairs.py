@@ -7,15 +7,18 @@ them, even from DataLoader worker processes.
 - CSV: every row is visited once per epoch (DistributedSampler); a resumed run skips the batches already done.
 - webdataset: shards are sampled with replacement (open_clip's "resampled" mode), so every process always has
   data and an epoch is a fixed number of steps (`num_samples // global batch`). A `.txt` member with several lines
-  holds several captions: one is drawn at random at each visit. The stream of an epoch is a pure function of
-  (seed, rank, epoch): the shard draws and the sample shuffle buffer are seeded from them, and batch b is the raw
-  samples at positions [b * batch_size, (b + 1) * batch_size) of the stream (a skipped sample keeps its place, so
-  a batch may hold fewer valid samples). The caption, the view and the random augmentation of a sample are drawn
-  from (seed, rank, epoch, its position), not from a running generator. So a resumed epoch (`skip_batches`)
-  yields exactly the batches that the uninterrupted epoch yields after the first `skip_batches` ones, whatever
-  the number of DataLoader workers: every worker reads the cheap undecoded stream and decodes only the samples of
-  its own batches (those the DataLoader takes from it in turn); skipped batches are never decoded, and their bad
-  samples and broken shard members are not counted again.
+  holds several captions: one is drawn at random at each visit. An epoch of a process is W streams, one per
+  DataLoader worker (W = `data.workers`, 1 without workers): each reads its own shard draws, each shard visit
+  once, in order, through its own shuffle buffer (`ShardStream`), so the bytes read per epoch are the data's size
+  whatever W. Everything is a pure function of (seed, rank, epoch, stream) and positions: the shard draws, the
+  buffer's picks, and each sample's caption, view and random augmentation. Batch b is batch b // W of stream
+  b % W (a skipped sample keeps its place, so a batch may hold fewer valid samples). Each batch carries its
+  stream's cursor (a few ints and the shuffle buffer's pointers); a resumed epoch restores every stream from the
+  cursors of the last batches done, reading only the buffered samples and the current shard's index, and yields
+  exactly the batches the uninterrupted epoch yields after them, as long as the number of workers and of
+  processes is the same (otherwise each stream is replayed from the epoch's start, undecoded: still exact for the
+  new numbers, at the cost of reading the prefix). Skipped batches are never decoded, and their bad samples and
+  broken shard members are not counted again.
 
 Each batch also carries the samples' identities (`keys`: `SOURCE/KEY`, see `identity.py`, with the webdataset
 `__key__` or the CSV image path as written; `ids`: their int64 hashes), the index of the caption drawn among the
@@ -37,21 +40,21 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
-from clipkd_dino.data.faults import BadSample, decode_captions, is_utf8, load_image, shard_fault
-from clipkd_dino.data.identity import csv_source, identity_hashes, sample_identity, shard_sources
+from clipkd_dino.data.faults import BadSample, is_utf8, load_image
+from clipkd_dino.data.identity import Shard, csv_source, identity_hashes, sample_identity, shard_sources
+from clipkd_dino.data.samples import RawSample, SampleRef, data_format, expand_shards, index_shard, read_sample
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
 from clipkd_dino.runtime import init_data_worker
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+SHUFFLE_INITIAL = 500  # samples in a stream's shuffle buffer before the first is given out (webdataset's default)
 
 
 @dataclass
@@ -81,33 +84,6 @@ class PairImages:
 
     def draw_view(self, rng: random.Random) -> int:
         return rng.randrange(self.num_views) if self.views is not None else -1
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Shard paths from brace patterns joined by '::' (open_clip convention); a folder stands for its *.tar files."""
-    urls = []
-    for part in pattern.split("::"):
-        if Path(part).is_dir():
-            urls.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
-        else:
-            urls.extend(braceexpand(part))
-    return urls
-
-
-def data_format(path: str, configured: str = "auto") -> str:
-    if configured != "auto":
-        return configured
-    return "csv" if path.lower().endswith((".csv", ".tsv")) else "webdataset"
-
-
-def check_sources(pattern: str, configured_format: str = "auto", key: str = "data.train") -> None:
-    """One-line ConfigError naming `key` and the path when a CSV file or a shard does not exist."""
-    paths = [pattern] if data_format(pattern, configured_format) == "csv" else expand_shards(pattern)
-    if not paths:
-        raise ConfigError(f"config key {key!r}: no shards in {pattern}")
-    for path in paths:
-        if "://" not in path and not Path(path).is_file():
-            raise ConfigError(f"config key {key!r}: file not found: {path}")
 
 
 def webdataset_num_samples(urls: list[str], configured: int | None) -> int:
@@ -234,137 +210,172 @@ def _draws(*parts) -> random.Random:
     return random.Random(hashlib.sha256("\0".join(str(part) for part in parts).encode()).digest())
 
 
-_END = object()
+def _hashed(*parts) -> int:
+    """A 64-bit integer from a hash of `parts`: the same in every process and on every run."""
+    return int.from_bytes(hashlib.sha256("\0".join(str(part) for part in parts).encode()).digest()[:8], "little")
 
 
-def _shuffled(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
-    """webdataset's buffer shuffle (`wds.shuffle`), drawing only from `rng` (no worker id, pid or time)."""
-    initial = min(initial, bufsize)
-    buffer: list = []
-
-    def pick():
-        index = rng.randrange(len(buffer))
-        buffer[index], buffer[-1] = buffer[-1], buffer[index]
-        return buffer.pop()
-
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) < bufsize:  # while filling, take two samples for each one given out
-            extra = next(samples, _END)
-            if extra is not _END:
-                buffer.append(extra)
-        if len(buffer) >= initial:
-            yield pick()
-    while buffer:
-        yield pick()
+Pointer = tuple[int, int]  # (shard draw, sample index within that shard): where a raw sample of a stream was read
 
 
-def _decode_webdataset_sample(sample: dict, identity: str, images: PairImages, tokenizer, draws: random.Random):
+class ShardStream:
+    """One stream of raw webdataset samples: shards drawn with replacement, each read once per visit in order
+    through its index (`samples.index_shard`, the tar reader of every command), through a shuffle buffer.
+
+    Draw d reads shard `shards[hash(key, d) % n]`; the sample given out at position p is the buffer's entry
+    `hash(key, p) % len(buffer)`, where `key` is (seed, rank, epoch, stream). So the whole state after any
+    position is small (a `cursor`: the position, the next draw and sample, the buffer's pointers), and `restore`
+    rebuilds it by reading only the buffered samples and the current shard's index, not the stream's prefix.
+    Faults (broken, empty, truncated shards) are counted when a shard is first indexed in the stream, never on a
+    restore; `faults()` hands over those met since its last call.
+    """
+
+    def __init__(self, shards: list[Shard], bufsize: int, key: tuple, cursor: dict | None = None) -> None:
+        self.shards, self.bufsize, self.key = shards, max(1, bufsize), key
+        self.initial = min(self.bufsize, SHUFFLE_INITIAL)
+        self.max_empty_draws = max(1000, 20 * len(shards))
+        self.position, self.draw, self.next, self.empty_draws = 0, -1, 0, 0
+        self.refs: tuple[SampleRef, ...] = ()
+        self.buffer: list[tuple[Pointer, RawSample, str]] = []
+        self._faults: Counter = Counter()
+        self._open: tuple[str, BinaryIO] | None = None
+        if cursor is not None:
+            self._restore(cursor)
+
+    def shard(self, draw: int) -> Shard:
+        return self.shards[_hashed(*self.key, "shard", draw) % len(self.shards)]
+
+    def take(self) -> tuple[RawSample, str]:
+        """The next raw sample given out and its identity (the stream is endless)."""
+        for _ in range(2):  # while filling, read two samples for each one given out
+            if len(self.buffer) < self.bufsize:
+                self.buffer.append(self._read_next())
+        while len(self.buffer) < self.initial:
+            self.buffer.append(self._read_next())
+        index = _hashed(*self.key, "pick", self.position) % len(self.buffer)
+        self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
+        self.position += 1
+        _, raw, identity = self.buffer.pop()
+        return raw, identity
+
+    def cursor(self) -> dict:
+        """The state after the samples given out so far (small tensors and ints: cheap to ship from a worker)."""
+        pointers = torch.tensor([pointer for pointer, _, _ in self.buffer], dtype=torch.long).view(-1, 2)
+        return {"position": self.position, "draw": self.draw, "next": self.next, "empty_draws": self.empty_draws,
+                "buffer": pointers}
+
+    def faults(self) -> Counter:
+        met, self._faults = self._faults, Counter()
+        return met
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def _read_next(self) -> tuple[Pointer, RawSample, str]:
+        while self.next >= len(self.refs):
+            self.draw += 1
+            self.empty_draws += 1
+            if self.empty_draws > self.max_empty_draws:
+                raise UserError(f"webdataset: no readable sample in {self.max_empty_draws} shards drawn in a row "
+                                f"from {len(self.shards)} shards ({self.shards[0].url}, ...): are they all broken?")
+            self.refs, self.next = index_shard(self.shard(self.draw).url, self._faults), 0
+        pointer = (self.draw, self.next)
+        self.next += 1
+        self.empty_draws = 0
+        return pointer, *self._read(pointer, self.refs)
+
+    def _read(self, pointer: Pointer, refs: tuple[SampleRef, ...]) -> tuple[RawSample, str]:
+        shard = self.shard(pointer[0])
+        if self._open is None or self._open[0] != shard.url:
+            self.close()
+            self._open = (shard.url, open(shard.url, "rb"))
+        ref = refs[pointer[1]]
+        return read_sample(shard.url, ref, self._open[1]), sample_identity(shard.source, ref.key)
+
+    def _restore(self, cursor: dict) -> None:
+        self.position, self.draw = cursor["position"], cursor["draw"]
+        self.next, self.empty_draws = cursor["next"], cursor["empty_draws"]
+        indexes: dict[int, tuple[SampleRef, ...]] = {}
+
+        def refs(draw: int) -> tuple[SampleRef, ...]:  # faults of these shards were counted on their first read
+            if draw not in indexes:
+                indexes[draw] = index_shard(self.shard(draw).url, Counter())
+            return indexes[draw]
+
+        pointers = [tuple(row) for row in cursor["buffer"].tolist()]
+        self.buffer = [(pointer, *self._read(pointer, refs(pointer[0]))) for pointer in pointers]
+        self.refs = refs(self.draw) if self.draw >= 0 else ()
+
+
+def _decode_raw(raw: RawSample, identity: str, images: PairImages, tokenizer, draws: random.Random):
     """The pair of a raw webdataset sample; view, torch seed (random augmentation) and caption come from `draws`."""
     view = images.draw_view(draws)
     torch_seed = draws.getrandbits(63)
-    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None:
-        return Skipped("missing_image")
-    captions, problem = decode_captions(sample.get("txt"))
-    if problem:
-        return Skipped(problem)
-    index = draws.randrange(len(captions))
+    if raw.problem:
+        return Skipped(raw.problem)
+    index = draws.randrange(len(raw.captions))
     state = torch.get_rng_state()  # the model's random transform draws from torch's generator: seed it per sample
     try:
         torch.default_generator.manual_seed(torch_seed)
-        return load_pair(sample[image_key], captions[index], images, tokenizer, identity, index, view)
+        return load_pair(raw.image, raw.captions[index], images, tokenizer, identity, index, view)
     finally:
         torch.set_rng_state(state)
 
 
 class WebdatasetEpoch(IterableDataset):
-    """Batches [skip, stop) of epoch `epoch` of process `rank`'s webdataset stream, each collated in the worker.
+    """Batches [skip, stop) of epoch `epoch` of process `rank`, each collated in a DataLoader worker.
 
-    The raw (undecoded) stream is a pure function of (seed, rank, epoch): shards drawn with replacement, their
-    samples through a seeded shuffle buffer. Batch b holds the samples at stream positions [b * B, (b + 1) * B).
-    Every DataLoader worker reads the raw stream and decodes only the batches it owns: batch skip + i belongs to
-    worker i % workers, the order in which a DataLoader takes batches from its workers, starting at worker 0.
-    A sample's draws (caption, view, random augmentation) come from (seed, rank, epoch, its position). Broken shard
-    members are counted in the batch of the next sample read after them, by that batch's worker only.
+    The epoch is W streams (W = the number of loader workers, 1 without): global batch b is batch b // W of stream
+    b % W, the samples at positions [(b // W) B, (b // W + 1) B) of that `ShardStream`. Each stream is read by one
+    worker, so every shard visit is read once, by one process. The DataLoader takes batches from its workers in
+    turn starting at worker 0, so worker i serves stream (i + skip) % W. Each batch carries its stream's `cursor`;
+    with `cursors` (stream -> the cursor after the last batch done), a resumed epoch restores every stream instead
+    of reading its prefix. Without a cursor for a stream (another number of workers or processes before the
+    resume), the stream is replayed from its start without decoding: exact, at the cost of reading the prefix.
+    A sample's draws (caption, view, random augmentation) come from (seed, rank, epoch, stream, its position).
+    Faults met while a batch's samples are read are counted in that batch.
     """
 
     def __init__(self, urls: list[str], images: PairImages, tokenizer, batch_size: int, shuffle_buffer: int,
-                 seed: int, rank: int, epoch: int, skip: int, stop: int, targets: BatchTargets | None = None) -> None:
-        self.urls, self.images, self.tokenizer, self.batch_size = urls, images, tokenizer, batch_size
+                 seed: int, rank: int, epoch: int, skip: int, stop: int, targets: BatchTargets | None = None,
+                 cursors: dict[int, dict] | None = None) -> None:
+        self.shards, self.images, self.tokenizer, self.batch_size = shard_sources(urls), images, tokenizer, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.epoch = shuffle_buffer, seed, rank, epoch
-        self.skip, self.stop, self.targets = skip, stop, targets
-        self.sources = {shard.url: shard.source for shard in shard_sources(urls)}
-
-    def raw_samples(self) -> Iterator[tuple[dict, list[tuple[str, Exception]]]]:
-        """(raw sample, (reason, error) of the shard faults met since the previous one), endlessly, in stream
-        order. Shards are read one at a time, so a fault belongs to the shard drawn last."""
-        from webdataset.tariterators import tarfile_samples
-
-        errors: list[tuple[str, Exception]] = []
-        shard_rng = _draws("shards", self.seed, self.rank, self.epoch)
-        max_draws = max(1000, 20 * len(self.urls))
-        draws_without_sample = 0
-        current, truncated = "", False  # the shard drawn last; whether the last fault met was its truncation
-
-        def shards() -> Iterator[dict]:
-            nonlocal draws_without_sample, current
-            while True:
-                draws_without_sample += 1
-                if draws_without_sample > max_draws:
-                    raise UserError(f"webdataset: no readable sample in {max_draws} shards drawn in a row from "
-                                    f"{len(self.urls)} shards ({self.urls[0]}, ...): are they all broken?")
-                current = self.urls[shard_rng.randrange(len(self.urls))]
-                yield {"url": current}
-
-        def handler(error: Exception) -> bool:
-            nonlocal truncated
-            reason = shard_fault(current)
-            errors.append((reason, error))
-            truncated = reason == "truncated_shard"
-            return True
-
-        def samples() -> Iterator[dict]:
-            nonlocal draws_without_sample, truncated
-            for sample in tarfile_samples(shards(), handler=handler):
-                draws_without_sample = 0
-                cut, truncated = truncated, False
-                if cut and not ("txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)):
-                    continue  # the sample the shard's end cut in two: part of its truncated_shard fault
-                yield sample
-
-        shuffle_rng = _draws("shuffle", self.seed, self.rank, self.epoch)
-        for sample in _shuffled(samples(), self.shuffle_buffer, min(self.shuffle_buffer, 500), shuffle_rng):
-            met = errors.copy()
-            errors.clear()
-            yield sample, met
+        self.skip, self.stop, self.targets, self.cursors = skip, stop, targets, cursors or {}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        owned = range(self.skip + worker, self.stop, workers)
+        stream_id = (worker + self.skip) % workers
+        owned = range(self.skip + (stream_id - self.skip) % workers, self.stop, workers)
         if not owned:
             return
-        size = self.batch_size
-        samples: list = []
-        counts: Counter = Counter()
-        stream = self.raw_samples()
-        for position, (sample, errors) in enumerate(stream):
-            batch = position // size
-            if batch > owned[-1]:
-                break
-            if batch not in owned:
-                continue  # not decoded: another worker's batch, or one done before a resume
-            for reason, error in errors:
-                counts[reason] += 1
-                log.warning("skipping unreadable webdataset data (%s): %s", reason, error)
-            draws = _draws(self.seed, self.rank, self.epoch, position)
-            identity = sample_identity(self.sources[sample["__url__"]], sample["__key__"])
-            samples.append(_decode_webdataset_sample(sample, identity, self.images, self.tokenizer, draws))
-            if len(samples) == size:
-                yield collate_pairs(samples, counts, self.targets)
-                samples, counts = [], Counter()
-        stream.close()
+        key = (self.seed, self.rank, self.epoch, stream_id)
+        cursor = self.cursors.get(stream_id)
+        if cursor is not None and (cursor["workers"], cursor["batch"] + workers) != (workers, owned[0]):
+            cursor = None  # saved with another number of workers, or not the batch before: replay instead
+        stream = ShardStream(self.shards, self.shuffle_buffer, key, cursor)
+        try:
+            if cursor is None:
+                for _ in range(owned[0] // workers * self.batch_size):  # replay the prefix, nothing decoded
+                    stream.take()
+                stream.faults()
+            for batch in owned:
+                samples = []
+                for _ in range(self.batch_size):
+                    raw, identity = stream.take()
+                    draws = _draws(*key, stream.position - 1)
+                    samples.append(_decode_raw(raw, identity, self.images, self.tokenizer, draws))
+                met = stream.faults()
+                for reason, count in met.items():
+                    log.warning("skipping unreadable webdataset data: %d x %s (stream %d)", count, reason, stream_id)
+                collated = collate_pairs(samples, met, self.targets)
+                collated["cursor"] = {"stream": stream_id, "workers": workers, "batch": batch, **stream.cursor()}
+                yield collated
+        finally:
+            stream.close()
 
 
 def _as_is(batch: dict) -> dict:
@@ -394,12 +405,14 @@ class TrainData:
                 f"({batch_size} x {world_size} processes): lower train.batch_size"
             )
 
-    def epoch_batches(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of `epoch` after the first `skip_batches` ones."""
+    def epoch_batches(self, epoch: int, skip_batches: int = 0, cursors: dict[int, dict] | None = None
+                      ) -> Iterator[dict]:
+        """The batches of `epoch` after the first `skip_batches` ones; webdataset `cursors` (stream -> the `cursor`
+        of the last batch done of each stream) let a resume skip reading the epoch's prefix."""
         if self.format == "csv":
             yield from self._csv_loader(epoch, skip_batches)
         elif skip_batches < self.steps_per_epoch:
-            yield from self._webdataset_loader(epoch, skip_batches)
+            yield from self._webdataset_loader(epoch, skip_batches, cursors)
 
     def _loader(self, dataset, epoch: int, **kwargs) -> DataLoader:
         """Its own generator (worker seeds) leaves the global RNG, and so dropout, the same after a resume."""
@@ -419,7 +432,8 @@ class TrainData:
         return self._loader(self.dataset, epoch, sampler=SkipFirst(sampler, skip_batches * self.batch_size),
                             drop_last=True)
 
-    def _webdataset_loader(self, epoch: int, skip_batches: int) -> DataLoader:
+    def _webdataset_loader(self, epoch: int, skip_batches: int, cursors: dict[int, dict] | None) -> DataLoader:
         dataset = WebdatasetEpoch(self.urls, self.images, self.tokenizer, self.batch_size, self.cfg.shuffle_buffer,
-                                  self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch, self.targets)
+                                  self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch, self.targets,
+                                  cursors)
         return self._loader(dataset, epoch, batch_size=None, collate_fn=_as_is)  # batches come collated

@@ -30,12 +30,15 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+from braceexpand import braceexpand
 
 from clipkd_dino.data.faults import decode_captions, is_utf8
 from clipkd_dino.data.identity import csv_source, sample_identity, shard_sources
-from clipkd_dino.data.pairs import IMAGE_EXTENSIONS, data_format, expand_shards
 from clipkd_dino.errors import ConfigError, UserError
 
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 CSV_UNIT_SIZE = 10_000
 IMAGE_REASONS = ("missing_image", "empty_file", "bad_image")
 
@@ -85,6 +88,33 @@ class RawSample:
     problem: str | None = None  # a skip reason when the sample cannot be used
 
 
+def expand_shards(pattern: str) -> list[str]:
+    """Shard paths from brace patterns joined by '::' (open_clip convention); a folder stands for its *.tar files."""
+    urls = []
+    for part in pattern.split("::"):
+        if Path(part).is_dir():
+            urls.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+        else:
+            urls.extend(braceexpand(part))
+    return urls
+
+
+def data_format(path: str, configured: str = "auto") -> str:
+    if configured != "auto":
+        return configured
+    return "csv" if path.lower().endswith((".csv", ".tsv")) else "webdataset"
+
+
+def check_sources(pattern: str, configured_format: str = "auto", key: str = "data.train") -> None:
+    """One-line ConfigError naming `key` and the path when a CSV file or a shard does not exist."""
+    paths = [pattern] if data_format(pattern, configured_format) == "csv" else expand_shards(pattern)
+    if not paths:
+        raise ConfigError(f"config key {key!r}: no shards in {pattern}")
+    for path in paths:
+        if "://" not in path and not Path(path).is_file():
+            raise ConfigError(f"config key {key!r}: file not found: {path}")
+
+
 def list_units(source: str, configured_format: str = "auto", csv_separator: str = "\t",
                csv_img_key: str = "filepath", csv_caption_key: str = "title") -> list[Unit]:
     """The units of `source` (CSV file or shards, with the syntax of `clipkd train`), in a fixed order."""
@@ -99,22 +129,23 @@ def list_units(source: str, configured_format: str = "auto", csv_separator: str 
 def unit_samples(unit: Unit, problems: Counter) -> tuple[SampleRef, ...]:
     """The samples of a unit in order; a broken or truncated shard, or undecodable CSV rows, count their problem."""
     if unit.csv_samples is None:
-        return _index_shard(unit.path, problems)
+        return index_shard(unit.path, problems)
     problems.update(unit.csv_problems)
     return unit.csv_samples
 
 
-def read_sample(path: str, ref: SampleRef) -> RawSample:
-    """The parts of one sample; `path` is its unit's shard (unused for CSV samples). A sample without an image
+def read_sample(path: str, ref: SampleRef, handle: BinaryIO | None = None) -> RawSample:
+    """The parts of one sample; `path` is its unit's shard (unused for CSV samples), read through `handle` when
+    given (an open file of `path`, so that a shard read in order is opened once). A sample without an image
     member, or without a usable caption, gets its skip reason in `problem` (its image is not checked here)."""
     if not ref.members:
         return RawSample(ref.key, ref.image_path, list(ref.captions), None,
                          problem=None if ref.captions else "missing_caption")
     parts = {}
-    with open(path, "rb") as handle:
+    with contextlib.nullcontext(handle) if handle is not None else open(path, "rb") as stream:
         for ext, (offset, size) in ref.members.items():
-            handle.seek(offset)
-            parts[ext] = handle.read(size)
+            stream.seek(offset)
+            parts[ext] = stream.read(size)
     image_ext = image_member(ref)
     if image_ext is None:
         return RawSample(ref.key, None, [], None, problem="missing_image")
@@ -131,7 +162,9 @@ def image_member(ref: SampleRef) -> str | None:
     return next((ext for ext in IMAGE_EXTENSIONS if ext in ref.members), None)
 
 
-def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
+def index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
+    """The complete samples of a shard in order, from its tar headers alone (no member data is read); a shard that
+    is missing, empty, not a tar or truncated counts its problem once (the samples before a break are kept)."""
     try:
         end = Path(url).stat().st_size  # a truncated last member lies past the end of the file: dropped below
     except OSError:
@@ -172,6 +205,10 @@ def _index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
                 if all(offset + size <= end for offset, size in members.values())}
     if truncated or len(complete) < len(samples):
         problems["truncated_shard"] += 1
+        last = next(reversed(complete), None)
+        if last is not None and not ("txt" in complete[last] and any(ext in complete[last] for ext in
+                                                                     IMAGE_EXTENSIONS)):
+            del complete[last]  # the sample the break cut in two: part of the truncation, not a fault of its own
     return tuple(SampleRef(key, members) for key, members in complete.items())
 
 

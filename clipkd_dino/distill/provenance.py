@@ -69,7 +69,7 @@ def _short(value: str) -> str:
 def check_coverage(data: DataConfig, folder: str) -> None:
     """A ConfigError when a shard (a CSV source) of `data.train` is not in the labelling output `folder`."""
     from clipkd_dino.data.identity import csv_source, shard_sources
-    from clipkd_dino.data.pairs import data_format, expand_shards
+    from clipkd_dino.data.samples import data_format, expand_shards
     from clipkd_dino.teacher.labels import read_sources
 
     try:

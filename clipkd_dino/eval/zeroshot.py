@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
-from clipkd_dino.data.pairs import IMAGE_EXTENSIONS
+from clipkd_dino.data.samples import IMAGE_EXTENSIONS
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.encode import Tokenizer, encode_texts
 from clipkd_dino.eval.sources import read_json

@@ -109,7 +109,7 @@ def read_templates(path: str | None) -> list[str]:
 
 def check_settings(settings: LabelSettings) -> None:
     """Every check that needs no heavy work; a one-line UserError names the flag or file."""
-    from clipkd_dino.data.pairs import check_sources
+    from clipkd_dino.data.samples import check_sources
     from clipkd_dino.models.loading import check_clip
     from clipkd_dino.runtime import PRECISIONS
 

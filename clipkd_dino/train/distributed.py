@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -99,6 +99,16 @@ def summed_counts(counts: Mapping[str, int]) -> dict[str, int]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, dict(counts))
     return dict(sum((Counter(c) for c in gathered), Counter()))
+
+
+def gathered_objects(value: Any) -> list[Any]:
+    """[value of rank 0, value of rank 1, ...] (a one-element list in a single process); a collective: every
+    process calls it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkd_dino.config import Config, check_values, config_to_dict
-from clipkd_dino.data.pairs import PairImages, TrainData, check_sources
+from clipkd_dino.data.pairs import PairImages, TrainData
+from clipkd_dino.data.samples import check_sources
 from clipkd_dino.distill import build_objective, check_distill
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.eval.evaluate import evaluate_model
@@ -37,7 +38,8 @@ from clipkd_dino.models import create_model, get_tokenizer, image_transforms, mo
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed, summed_counts
+from clipkd_dino.train.distributed import (gathered_objects, global_min, init_process, shutdown_distributed,
+                                           summed_counts)
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
@@ -109,6 +111,7 @@ class Trainer:
         self.underfull = 0  # micro-batches not trained: fewer than two readable samples on some process
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
         self.skip_update = False  # a micro-batch of this optimiser step had a non-finite loss
+        self.cursors: dict[int, dict] = {}  # webdataset stream -> the cursor of its last batch done this epoch
         self.signals = StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
@@ -152,6 +155,7 @@ class Trainer:
             stop_on_bad_fraction(self.skipped, self.seen, self.config.data.max_bad_fraction, "data.train",
                                  self.device, final=True)  # the end of a pass: judged whatever was seen
             self.position = Position(self.position.epoch + 1, 0, self.position.step)
+            self.cursors = {}
             epoch = self.position.epoch
             self._save(self.output_dir / "checkpoints" / f"epoch_{epoch}.pt", full=False)
             self._save(self.output_dir / "checkpoints" / "latest.pt", full=True)  # before evaluating: kept whatever
@@ -163,7 +167,7 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, pos = self.config, self.position
         accum = cfg.optim.accum_steps
-        batches = self.data.epoch_batches(pos.epoch, skip_batches=pos.batch)
+        batches = self.data.epoch_batches(pos.epoch, skip_batches=pos.batch, cursors=self.cursors)
         progress = tqdm(total=self.steps_per_epoch * accum, initial=pos.batch, disable=not self.dist.is_main,
                         desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}", unit="batch", dynamic_ncols=True)
         window_start, window_samples = time.time(), 0
@@ -173,6 +177,9 @@ class Trainer:
             for batch in batches:
                 if pos.batch >= self.steps_per_epoch * accum:
                     break
+                if "cursor" in batch:
+                    cursor = batch.pop("cursor")
+                    self.cursors[cursor["stream"]] = cursor
                 self.skipped.update(batch["skipped"])
                 self.seen += len(batch["images"]) + sum(batch["skipped"].values())
                 stop_on_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train", self.device)
@@ -262,6 +269,7 @@ class Trainer:
         return metrics
 
     def _save(self, path: Path, full: bool) -> None:
+        cursors = gathered_objects(self.cursors) if full else []  # every rank's streams (a collective)
         if not self.dist.is_main:
             return
         payload: dict[str, Any] = {
@@ -282,6 +290,7 @@ class Trainer:
                 "seen": self.seen,
                 "underfull": self.underfull,
                 "rng": torch.get_rng_state(),  # dropout (e.g. a dino projector's) continues as if never stopped
+                "data_cursors": cursors,  # per rank: where each webdataset stream of the epoch stands
             }
         save_checkpoint(payload, path, payload["state_dict"])
 
@@ -299,6 +308,9 @@ class Trainer:
         self.seen, self.underfull = state.get("seen", 0), state.get("underfull", 0)
         if "rng" in state:
             torch.set_rng_state(state["rng"])
+        cursors = state.get("data_cursors", [])
+        if len(cursors) == self.dist.world_size:  # another world size: the streams are replayed (pairs.py)
+            self.cursors = cursors[self.dist.rank]
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
 
 
