@@ -74,7 +74,8 @@ def main() -> None:
         keys = [f"source/{i:09d}" for i in range(args.batch)]
         texts = torch.randint(2, 90, (args.batch, context))
         texts[:, context // 2] = student.vocab_size - 1
-        batch = {"images": torch.randn(args.batch, 3, size, size, device=device), "texts": texts.to(device),
+        images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+        batch = {"images": images, "texts": texts.to(device),
                  "keys": keys, "ids": torch.from_numpy(identity_hashes(keys)),
                  "view": torch.randint(0, 2, (args.batch,)), "caption_index": torch.zeros(args.batch, dtype=torch.long),
                  "labels": torch.arange(args.batch) % 16, "skipped": {}}  # every sample labelled: full dino work

@@ -232,7 +232,8 @@ def main() -> None:
         pool = make_pool(tmp / "pool.json", args.concepts)
         print(f"\nlabelling: C = {args.concepts} concepts, D = 512, {args.ranks} gloo ranks, "
               f"{args.images_per_unit} images per unit, cache K = 1 (fp16)")
-        print("| units | samples | start-up peak RSS per rank (MiB) | labelling peak RSS per rank (+ growth) (MiB) | merge peak "
+        print("| units | samples | start-up peak RSS per rank (MiB) | labelling peak RSS per rank (+ growth) (MiB) | "
+              "merge peak "
               "RSS (MiB) | merge s | parts bytes/unit | labels+index bytes/sample | cache bytes/sample | wall s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for units in args.units:

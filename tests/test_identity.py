@@ -212,14 +212,14 @@ def test_shards_the_labels_do_not_cover_are_refused_and_missing_samples_skipped(
 
 def test_the_student_sees_its_own_resolution_and_normalisation(joined, monkeypatch):
     """From the cache, a student at another resolution and normalisation than the teacher's gets the cached crops
-    at its own input; online, the teacher gets the student's pixels renormalised to its own mean and std."""
+    at its own input; the pixels travel as uint8 and each model normalises them with its own mean and std."""
     import open_clip
 
     from clipkd_dino.config import DataConfig
     from clipkd_dino.data.pairs import PairImages, TrainData
     from clipkd_dino.distill.teachers import CachedTeacher, OnlineTeacher
     from clipkd_dino.models import create_model, get_tokenizer, model_config
-    from clipkd_dino.models.factory import image_normalisation
+    from clipkd_dino.models.factory import PixelNormaliser, image_normalisation
 
     root, data, out = joined
     config = model_config("toy-student")
@@ -233,13 +233,15 @@ def test_the_student_sees_its_own_resolution_and_normalisation(joined, monkeypat
                        get_tokenizer("toy-student"), batch_size=8, seed=0)
     batch = next(iter(stream.epoch_batches(0)))
     assert batch["images"].shape[1:] == (3, 32, 32)
+    assert batch["images"].dtype == torch.uint8  # normalised on the device, by whoever reads them
     same_size = create_model("toy-student")
     same_size.visual.image_mean, same_size.visual.image_std = (0.5,) * 3, (0.25,) * 3
     online = OnlineTeacher("toy-teacher", str(TEACHER), "fp32", torch.device("cpu"), same_size)
-    pixels = torch.rand(2, 3, 48, 48)
-    student_pixels = (pixels - 0.5) / 0.25
+    pixels = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in image_normalisation(online.model))
     with torch.no_grad():
-        expected = online.model.encode_image((pixels - mean) / std)
-    image, _ = online.features({"images": student_pixels, "texts": torch.zeros(2, 32, dtype=torch.long)})
+        expected = online.model.encode_image((pixels / 255 - mean) / std)
+    image, _ = online.features({"images": pixels, "texts": torch.zeros(2, 32, dtype=torch.long)})
     torch.testing.assert_close(image, expected, rtol=1e-4, atol=1e-4)
+    student_input = PixelNormaliser(same_size)(pixels)
+    torch.testing.assert_close(student_input, (pixels / 255 - 0.5) / 0.25)

@@ -73,14 +73,15 @@ class Pair:
 
 @dataclass(frozen=True)
 class PairImages:
-    """How a pair's image is made: `transform(image)`, or view k of `views` when replaying cached views."""
+    """How a pair's image is made: `transform(image)`, or the uint8 pixels of view k of `views` when replaying
+    cached views."""
 
     transform: Callable
     views: ViewSpec | None = None
     num_views: int = 0
 
     def __call__(self, image: Image.Image, key: str, view: int) -> torch.Tensor:
-        return self.views(image, key, view) if self.views is not None else self.transform(image)
+        return self.views.pixels(image, key, view) if self.views is not None else self.transform(image)
 
     def draw_view(self, rng: random.Random) -> int:
         return rng.randrange(self.num_views) if self.views is not None else -1
@@ -150,7 +151,8 @@ class CsvPairs(Dataset):
 
     Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written (its
     identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in
-    the rows before it (as the teacher cache orders them). A row whose bytes are not UTF-8 is kept and skipped at each visit (`invalid_utf8`), like any bad sample.
+    the rows before it (as the teacher cache orders them). A row whose bytes are not UTF-8 is kept and skipped at
+    each visit (`invalid_utf8`), like any bad sample.
     The view of a row is drawn from (seed, epoch, row), so a resumed epoch replays the same views.
     """
 

@@ -176,7 +176,8 @@ def index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     truncated = False
     try:
-        with tarfile.open(url, mode="r:") as archive:
+        # unbuffered: each header is one 512-byte read, not a buffer refill, so indexing costs ~1% of the data
+        with open(url, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as archive:
             while True:
                 try:
                     member = archive.next()

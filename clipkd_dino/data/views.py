@@ -62,15 +62,17 @@ class ViewSpec:
             w, h = width, height
         return CropBox((height - h) // 2, (width - w) // 2, h, w, flip)
 
-    def __call__(self, image: Image.Image, key: str, view: int) -> torch.Tensor:
-        """[3, size, size] normalised tensor of view `view` of `image` (the sample `key`)."""
+    def pixels(self, image: Image.Image, key: str, view: int) -> torch.Tensor:
+        """[3, size, size] uint8 RGB pixels of view `view` of `image` (the sample `key`)."""
         image = image.convert("RGB")
         box = self.box(key, view, *image.size)
         crop = TF.resized_crop(image, box.top, box.left, box.height, box.width, [self.size, self.size],
                                interpolation=InterpolationMode.BICUBIC)
-        if box.flip:
-            crop = TF.hflip(crop)
-        return TF.normalize(TF.to_tensor(crop), self.mean, self.std)
+        return TF.pil_to_tensor(TF.hflip(crop) if box.flip else crop)
+
+    def __call__(self, image: Image.Image, key: str, view: int) -> torch.Tensor:
+        """[3, size, size] float view, normalised with `mean` and `std` (what the teacher embeds)."""
+        return TF.normalize(self.pixels(image, key, view).float() / 255, self.mean, self.std)
 
     def describe(self) -> dict:
         """JSON-ready: tuples as lists."""

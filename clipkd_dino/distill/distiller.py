@@ -26,6 +26,7 @@ from torch import nn
 
 from clipkd_dino.config import DistillConfig
 from clipkd_dino.errors import ConfigError
+from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.losses import afd_loss, clip_loss, crd_loss, dino_loss, fd_loss, gd_loss, icl_loss
 from clipkd_dino.train.distributed import all_gather_with_grad
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
@@ -56,7 +57,7 @@ class CLIPDistiller(nn.Module):
     def __init__(self, model: nn.Module, teacher, config: DistillConfig, student_dim: int,
                  class_means: torch.Tensor | None = None, text_class_means: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.model, self.teacher, self.config = model, teacher, config
+        self.model, self.teacher, self.config, self.pixels = model, teacher, config, PixelNormaliser(model)
         self.views, self.num_views = teacher.views, teacher.num_views
         weights = config.weights
         d_s, d_t = student_dim, teacher.dim
@@ -82,10 +83,11 @@ class CLIPDistiller(nn.Module):
                 setattr(self, f"{side}_projector", dino_projector(d_s, d_t))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: images [B, 3, H, W], texts [B, L], labels [B] (with the dino-loss) and what the teacher reads
-        (`teachers.py`) -> named losses."""
+        """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L], labels [B] (with the dino-loss) and what the
+        teacher reads (`teachers.py`) -> named losses."""
         w = self.weights
-        s_image = self.model.encode_image(batch["images"])
+        images = self.pixels(batch["images"])
+        s_image = self.model.encode_image(images)
         s_text = self.model.encode_text(batch["texts"])
         t_image, t_text = self.teacher.features(batch)
         scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
@@ -104,7 +106,7 @@ class CLIPDistiller(nn.Module):
             losses["loss_fd"] = w["fd"] * fd_loss(p_image, p_text, t_image, t_text)
         if w["mfd"]:
             with self._masked_patches():
-                masked = self.project_image(self.model.encode_image(batch["images"]))
+                masked = self.project_image(self.model.encode_image(images))
             losses["loss_mfd"] = w["mfd"] * fd_loss(masked, p_text, t_image, t_text)
         if w["icl"] or w["gd"]:
             gp_image, gp_text = gather(p_image), gather(p_text)

@@ -1,10 +1,11 @@
 """Start-up checks that the labels, the cache and the online teacher belong together and cover `data.train`.
 
 Each labelling output records the teacher (architecture, and the sha256 of its weights' state dict, so that the same
-weights read from another file or format agree), the concept pool's sha256 and the view spec. Labels from one pass and a cache or an online teacher from another would train the student
-against one teacher's embeddings and another's classes without a word: they are refused in one line naming both.
-Coverage is checked per shard (per source for CSV) from the output's `samples/sources.json`, before any sample is
-read; a sample that is still missing at training time is skipped and counted (`not_labelled`, `not_in_cache`).
+weights read from another file or format agree), the concept pool's sha256 and the view spec. Labels from one pass
+and a cache or an online teacher from another would train the student against one teacher's embeddings and
+another's classes without a word: they are refused in one line naming both. Coverage is checked per shard (per
+source for CSV) from the output's `samples/sources.json`, before any sample is read; a sample that is still missing
+at training time is skipped and counted (`not_labelled`, `not_in_cache`).
 """
 
 from __future__ import annotations

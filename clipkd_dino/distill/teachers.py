@@ -22,15 +22,15 @@ from clipkd_dino.errors import ConfigError
 
 
 class OnlineTeacher:
-    """The frozen teacher in eval mode, optionally with bf16 weights; sees the student's pixels (renormalised from
-    the student's mean and std to its own when they differ) and tokens."""
+    """The frozen teacher in eval mode, optionally with bf16 weights; sees the student's uint8 pixels, normalised
+    with its own mean and std, and the student's tokens (so it needs the student's image size and tokenizer)."""
 
     views: ViewSpec | None = None
     num_views = 0
 
     def __init__(self, name: str, pretrained: str | None, precision: str, device: torch.device,
                  student: torch.nn.Module) -> None:
-        from clipkd_dino.models.factory import image_normalisation, image_size
+        from clipkd_dino.models.factory import PixelNormaliser, image_size
         from clipkd_dino.models.loading import load_clip, weights_digest
 
         loaded = load_clip(name, pretrained, device)
@@ -48,20 +48,13 @@ class OnlineTeacher:
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model.to(self.dtype)
         self.dim, self.logit_scale = loaded.embed_dim, loaded.logit_scale
-        self.renormalise = None
-        student_normalisation = image_normalisation(student)
-        if (loaded.mean, loaded.std) != student_normalisation:  # x_t = (x_s * std_s + mean_s - mean_t) / std_t
-            mean_s, std_s = (torch.tensor(v, device=device).view(3, 1, 1) for v in student_normalisation)
-            mean_t, std_t = (torch.tensor(v, device=device).view(3, 1, 1) for v in (loaded.mean, loaded.std))
-            self.renormalise = (std_s / std_t, (mean_s - mean_t) / std_t)
+        self.pixels = PixelNormaliser(self.model).to(device)
 
     @torch.no_grad()
     def features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = batch["images"]
-        if self.renormalise is not None:
-            scale, shift = self.renormalise
-            pixels = pixels * scale + shift
-        image = self.model.encode_image(pixels.to(self.dtype)).float()
+        if batch["images"].dtype != torch.uint8:
+            raise TypeError("the online teacher takes uint8 pixels (the training transforms' output)")
+        image = self.model.encode_image(self.pixels(batch["images"]).to(self.dtype)).float()
         return image, self.model.encode_text(batch["texts"]).float()
 
 

@@ -231,20 +231,33 @@ def image_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tupl
 
 
 def image_transforms(model: torch.nn.Module, augment: bool = True, crop_scale: tuple[float, float] = (0.9, 1.0)):
-    """(train, eval) transforms for the model's input size and normalisation.
+    """(train, eval) transforms for the model's input size.
 
-    Train: RandomResizedCrop(scale=crop_scale) when `augment`, else the eval transform.
-    Eval: resize the short side, centre crop. Both convert to RGB and normalise with the model's mean/std.
+    Train: RandomResizedCrop(scale=crop_scale) when `augment`, else resize + centre crop; RGB uint8 [3, H, W] pixels
+    (a quarter of float32's bytes through the loader's shared memory), normalised on the device by the objective
+    (`PixelNormaliser`). Eval: resize the short side, centre crop, RGB, normalised float with the model's mean/std.
     """
     size = image_size(model)
     mean, std = image_normalisation(model)
-    finish = [T.Lambda(_to_rgb), T.ToTensor(), T.Normalize(mean, std)]
     bicubic = T.InterpolationMode.BICUBIC
-    eval_tf = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), *finish])
-    if not augment:
-        return eval_tf, eval_tf
-    train_tf = T.Compose([T.RandomResizedCrop(size, scale=crop_scale, interpolation=bicubic), *finish])
-    return train_tf, eval_tf
+    centre = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size), T.Lambda(_to_rgb)]
+    eval_tf = T.Compose([*centre, T.ToTensor(), T.Normalize(mean, std)])
+    crop = [T.RandomResizedCrop(size, scale=crop_scale, interpolation=bicubic), T.Lambda(_to_rgb)]
+    return T.Compose([*(crop if augment else centre), T.PILToTensor()]), eval_tf
+
+
+class PixelNormaliser(torch.nn.Module):
+    """uint8 pixels [B, 3, H, W] -> the model's normalised float input, on the pixels' device; float input (already
+    normalised) passes through."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        mean, std = image_normalisation(model)
+        self.register_buffer("mean", 255 * torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels.float() - self.mean) / self.std if pixels.dtype == torch.uint8 else pixels
 
 
 def _to_rgb(image):

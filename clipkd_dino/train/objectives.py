@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipkd_dino.losses import clip_loss
+from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.train.distributed import all_gather_with_grad
 
 MAX_LOGIT_SCALE = 100.0
@@ -23,11 +24,11 @@ class CLIPObjective(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.pixels = model, PixelNormaliser(model)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: images [B, 3, H, W], texts [B, L] token ids -> {"loss_task": scalar}."""
-        image_features = F.normalize(self.model.encode_image(batch["images"]), dim=-1)
+        """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L] token ids -> {"loss_task": scalar}."""
+        image_features = F.normalize(self.model.encode_image(self.pixels(batch["images"])), dim=-1)
         text_features = F.normalize(self.model.encode_text(batch["texts"]), dim=-1)
         scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         loss = clip_loss(all_gather_with_grad(image_features), all_gather_with_grad(text_features), scale)
