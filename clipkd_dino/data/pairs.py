@@ -31,6 +31,7 @@ tensors and may drop samples it cannot serve, counting them in `skipped`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -153,7 +154,8 @@ class CsvPairs(Dataset):
     identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in
     the rows before it (as the teacher cache orders them). A row whose bytes are not UTF-8 is kept and skipped at
     each visit (`invalid_utf8`), like any bad sample.
-    The view of a row is drawn from (seed, epoch, row), so a resumed epoch replays the same views.
+    The view and the random augmentation of a row are drawn from (seed, epoch, row), so a resumed epoch replays
+    them, with or without loader workers.
     """
 
     def __init__(self, path: str, images: PairImages, tokenizer, img_key="filepath", caption_key="title",
@@ -183,12 +185,13 @@ class CsvPairs(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        digest = hashlib.sha256(f"{self.seed}\0{self.epoch}\0{index}".encode()).digest()
-        view = self.pair_images.draw_view(random.Random(digest))
+        draws = _draws(self.seed, self.epoch, index)
+        view, torch_seed = self.pair_images.draw_view(draws), draws.getrandbits(63)
         if not self.utf8[index]:
             return Skipped("invalid_utf8")
-        return load_pair(self.images[index], self.captions[index], self.pair_images, self.tokenizer,
-                         self.keys[index], self.caption_index[index], view)
+        with _torch_seeded(torch_seed):
+            return load_pair(self.images[index], self.captions[index], self.pair_images, self.tokenizer,
+                             self.keys[index], self.caption_index[index], view)
 
 
 class SkipFirst(Sampler):
@@ -318,10 +321,18 @@ def _decode_raw(raw: RawSample, identity: str, images: PairImages, tokenizer, dr
     if raw.problem:
         return Skipped(raw.problem)
     index = draws.randrange(len(raw.captions))
-    state = torch.get_rng_state()  # the model's random transform draws from torch's generator: seed it per sample
-    try:
-        torch.default_generator.manual_seed(torch_seed)
+    with _torch_seeded(torch_seed):
         return load_pair(raw.image, raw.captions[index], images, tokenizer, identity, index, view)
+
+
+@contextlib.contextmanager
+def _torch_seeded(seed: int) -> Iterator[None]:
+    """The model's random transform draws from torch's generator: seed it per sample, and give the caller's state
+    back (so the stream is the same in a worker or in the training process, and leaves dropout's draws alone)."""
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        yield
     finally:
         torch.set_rng_state(state)
 

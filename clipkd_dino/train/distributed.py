@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -54,6 +56,29 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+_KNOWN_SIZES: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("known_batch_sizes", default=None)
+
+
+@contextlib.contextmanager
+def known_batch_sizes(sizes: list[int]) -> Iterator[None]:
+    """Within the block, `all_gather_with_grad` uses `sizes` (the batch size of every process, agreed beforehand)
+    instead of exchanging them at each gather."""
+    token = _KNOWN_SIZES.set(sizes)
+    try:
+        yield
+    finally:
+        _KNOWN_SIZES.reset(token)
+
+
+def gathered_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """[tensor of rank 0, of rank 1, ...] (all the same shape); [tensor] in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return parts
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 (batch sizes may differ between processes, e.g. after dropping bad samples).
 
@@ -64,10 +89,12 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         world = dist.get_world_size()
-        size = torch.tensor([tensor.shape[0]], device=tensor.device)
-        sizes = [torch.empty_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        sizes = [int(s) for s in sizes]
+        sizes = _KNOWN_SIZES.get()
+        if sizes is None:  # not agreed beforehand: ask (a collective and a host synchronisation)
+            size = torch.tensor([tensor.shape[0]], device=tensor.device)
+            parts = [torch.empty_like(size) for _ in range(world)]
+            dist.all_gather(parts, size)
+            sizes = [int(s) for s in parts]
         padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(world)]

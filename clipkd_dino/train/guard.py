@@ -2,8 +2,8 @@
 
 - `OutputLock`: one run per output folder (a second one stops with a clear error instead of mixing files).
 - `StopSignals`: SIGTERM / SIGINT ask the loop to save `latest` and stop at the next step boundary.
-- `NonFiniteGuard`: a step whose loss is not finite is skipped with a warning naming the term; a streak of them
-  stops the run, so no NaN ever reaches the weights or a checkpoint.
+- `NonFiniteGuard`: a step whose loss (or, in the CLIP trainer, gradient) is not finite is skipped with a warning
+  naming the term; a streak of them stops the run, so no NaN ever reaches the weights or a checkpoint.
 - `stop_on_bad_fraction`: the `max_bad_fraction` stop, agreed across ranks.
 - `save_checkpoint`: atomic, refuses non-finite weights, and turns a failed write (a full disk) into a one-line error
   that says the previous checkpoint is intact.
@@ -103,8 +103,21 @@ class NonFiniteGuard:
         if not any_rank(bool(local), device):
             self.streak = 0
             return []
+        return self._skipped(local or ["(another process)"])
+
+    def check(self, bad: bool, named: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """Record a step whose loss or gradient was (`bad`, agreed by every process) or was not finite; a bad step
+        is reported with the non-finite terms and the gradient norm, and a streak of `limit` raises."""
+        if not bad:
+            self.streak = 0
+            return
+        local = [name for name, value in named.items() if name != "loss" and not torch.isfinite(value).all()]
+        if not local and not torch.isfinite(grad_norm):  # finite losses, non-finite gradients
+            local.append(f"gradient (norm {float(grad_norm)})")
+        self._skipped(local or ["(another process)"])
+
+    def _skipped(self, names: list[str]) -> list[str]:
         self.streak, self.total = self.streak + 1, self.total + 1
-        names = local or ["(another process)"]
         print(f"warning: non-finite {', '.join(names)}: step skipped ({self.streak} in a row)", file=sys.stderr)
         if self.streak >= self.limit:
             raise UserError(f"{self.streak} steps in a row had a non-finite loss ({', '.join(names)}): stopping; "

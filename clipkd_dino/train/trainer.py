@@ -13,12 +13,13 @@ Outputs in `train.output_dir`:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -38,13 +39,26 @@ from clipkd_dino.models import create_model, get_tokenizer, image_transforms, mo
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import (gathered_objects, global_min, init_process, shutdown_distributed,
-                                           summed_counts)
+from clipkd_dino.train.distributed import (gathered_objects, gathered_tensors, init_process, known_batch_sizes,
+                                           shutdown_distributed, summed_counts)
+from clipkd_dino.data.faults import bad_fraction_exceeded
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
 from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every process learns at a step's exchange: the step had a non-finite loss or gradient somewhere; some
+    process was signalled to stop; some process read more than max_bad_fraction bad data; sizes[m][r] = the size of
+    micro-batch m of the next step on process r."""
+
+    nonfinite: bool
+    stop: bool
+    bad_data: bool
+    sizes: list[list[int]]
 
 
 @dataclass
@@ -110,7 +124,6 @@ class Trainer:
         self.seen = 0  # samples read, good and bad (the max_bad_fraction denominator)
         self.underfull = 0  # micro-batches not trained: fewer than two readable samples on some process
         self.nonfinite = NonFiniteGuard(config.train.max_nonfinite_steps)
-        self.skip_update = False  # a micro-batch of this optimiser step had a non-finite loss
         self.cursors: dict[int, dict] = {}  # webdataset stream -> the cursor of its last batch done this epoch
         self.signals = StopSignals()
         if resume_path:
@@ -165,80 +178,114 @@ class Trainer:
         return metrics
 
     def _train_epoch(self) -> None:
+        """One epoch, one host synchronisation per optimiser step outside logging steps: the micro-batches of the
+        next step are fetched before the step ends, and a single exchange (`_agree`) tells every process whether
+        the step was finite, whether any process was signalled or read too much bad data, and the sizes of the next
+        step's micro-batches on every process (for the underfull check and the feature gathers)."""
         cfg, pos = self.config, self.position
         accum = cfg.optim.accum_steps
-        batches = self.data.epoch_batches(pos.epoch, skip_batches=pos.batch, cursors=self.cursors)
-        progress = tqdm(total=self.steps_per_epoch * accum, initial=pos.batch, disable=not self.dist.is_main,
+        total = self.steps_per_epoch * accum
+        batches = iter(self.data.epoch_batches(pos.epoch, skip_batches=pos.batch, cursors=self.cursors))
+        progress = tqdm(total=total, initial=pos.batch, disable=not self.dist.is_main,
                         desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}", unit="batch", dynamic_ncols=True)
-        window_start, window_samples = time.time(), 0
-        losses: dict[str, float] = {}
+        window = {"start": time.perf_counter(), "samples": 0, "waited": 0.0}
         self.wrapped.train()
         try:
-            for batch in batches:
-                if pos.batch >= self.steps_per_epoch * accum:
-                    break
-                if "cursor" in batch:
-                    cursor = batch.pop("cursor")
-                    self.cursors[cursor["stream"]] = cursor
-                self.skipped.update(batch["skipped"])
-                self.seen += len(batch["images"]) + sum(batch["skipped"].values())
-                stop_on_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train", self.device)
-                micro = pos.batch % accum
-                # BatchNorm (the dino projector) and the contrastive losses need two samples
-                if global_min(len(batch["images"]), self.device) >= min(2, cfg.train.batch_size):
-                    window_samples += len(batch["images"]) * self.dist.world_size
-                    named = self._forward_backward(batch, sync=micro == accum - 1)
-                    for name, value in named.items():
-                        losses[name] = losses.get(name, 0.0) + value / accum
-                else:
-                    self.underfull += 1
-                pos.batch += 1
-                progress.update(1)
-                if micro != accum - 1:
-                    continue
-                lr = self._optimizer_step()
-                if losses and (pos.step == 1 or pos.step % cfg.train.log_every_steps == 0):
-                    rate = window_samples / max(time.time() - window_start, 1e-9)
-                    self._log(losses, lr, rate)
-                    progress.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}",
-                                         samples_s=f"{rate:.0f}", skipped=sum(self.skipped.values()))
-                    window_start, window_samples = time.time(), 0
-                losses = {}
+            pending = self._fetch(batches, min(accum, total - pos.batch), window)
+            agreed = self._agree(None, pending)
+            while pending:
+                losses = self._train_step(pending, agreed.sizes, window, progress)
+                pending = self._fetch(batches, min(accum, total - pos.batch), window)
+                norm = self._gradient_norm()
+                agreed = self._agree(torch.isfinite(sum(losses.values(), norm)).logical_not(), pending)
+                if agreed.bad_data:
+                    stop_on_bad_fraction(self.skipped, self.seen, cfg.data.max_bad_fraction, "data.train",
+                                         self.device)
+                self.nonfinite.check(agreed.nonfinite, losses, norm)  # raises after a streak
+                lr = self._optimizer_step(skip=agreed.nonfinite)
+                if losses and not agreed.nonfinite and (pos.step == 1 or pos.step % cfg.train.log_every_steps == 0):
+                    self._log_window(losses, norm, lr, window, progress)
                 latest = self.output_dir / "checkpoints" / "latest.pt"
                 every = cfg.train.checkpoint_every_steps
-                if every and pos.step % every == 0:
+                if (every and pos.step % every == 0) or agreed.stop:
                     self._save(latest, full=True)
-                if self.signals.requested(self.device):
-                    self._save(latest, full=True)
+                if agreed.stop:
                     raise self.signals.stopped(f"at step {pos.step} (epoch {pos.epoch + 1}, batch {pos.batch})",
                                                f"saved {latest}")
         finally:
             progress.close()  # also on an error, so that its message starts a line of its own
-        self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at the epoch's end
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, float]:
+    def _fetch(self, batches: Iterator[dict], count: int, window: dict) -> list[dict]:
+        """Up to `count` next micro-batches; the time spent waiting for them goes to the log window."""
+        start = time.perf_counter()
+        fetched = list(itertools.islice(batches, max(count, 0)))
+        window["waited"] += time.perf_counter() - start
+        return fetched
+
+    def _agree(self, nonfinite: torch.Tensor | None, upcoming: list[dict]) -> Agreed:
+        """The one exchange of a step: this process's flags (non-finite step, stop signal, bad-data stop) and the
+        sizes of its upcoming micro-batches, all-gathered in one small tensor and read once on the host."""
+        accum = self.config.optim.accum_steps
+        local = torch.full((3 + accum,), -1.0, device=self.device)
+        local[0] = nonfinite.float() if nonfinite is not None else 0.0
+        local[1] = float(self.signals.received is not None)
+        local[2] = float(bad_fraction_exceeded(self.skipped, self.seen, self.config.data.max_bad_fraction))
+        local[3:3 + len(upcoming)] = torch.tensor([float(len(b["images"])) for b in upcoming])
+        rows = torch.stack(gathered_tensors(local)).tolist()  # the step's one host synchronisation
+        sizes = [[int(row[3 + m]) for row in rows] for m in range(len(upcoming))]
+        return Agreed(any(row[0] > 0 for row in rows), any(row[1] > 0 for row in rows),
+                      any(row[2] > 0 for row in rows), sizes)
+
+    def _train_step(self, micro_batches: list[dict], sizes: list[list[int]], window: dict,
+                    progress: tqdm) -> dict[str, torch.Tensor]:
+        """Forward and backward of a step's micro-batches; returns the step's named losses, on the device."""
+        accum = self.config.optim.accum_steps
+        # BatchNorm (the dino projector) and the contrastive losses need two samples on every process
+        trained = [m for m, per_rank in enumerate(sizes) if min(per_rank) >= min(2, self.config.train.batch_size)]
+        losses: dict[str, torch.Tensor] = {}
+        for micro, (batch, per_rank) in enumerate(zip(micro_batches, sizes)):
+            if "cursor" in batch:
+                cursor = batch.pop("cursor")
+                self.cursors[cursor["stream"]] = cursor
+            self.skipped.update(batch["skipped"])
+            self.seen += len(batch["images"]) + sum(batch["skipped"].values())
+            if micro in trained:
+                window["samples"] += sum(per_rank)
+                with known_batch_sizes(per_rank):
+                    named = self._forward_backward(batch, sync=micro == trained[-1])
+                for name, value in named.items():
+                    losses[name] = losses.get(name, 0.0) + value.detach() / accum
+            else:
+                self.underfull += 1
+            self.position.batch += 1
+            progress.update(1)
+        return losses
+
+    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         no_sync = self.wrapped.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
         with no_sync():
             with autocast(self.device, self.config.train.precision):
                 named = self.wrapped(batch)
-            if self.nonfinite.bad_terms(named, self.device):
-                self.skip_update = True  # no backward: this optimiser step will not update the weights
-                return {}
             loss = sum(named.values())
             self.scaler.scale(loss / self.config.optim.accum_steps).backward()
-        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in named.items()}}
+        return {"loss": loss, **named}
 
-    def _optimizer_step(self) -> float:
-        if self.skip_update:  # drop this window's gradients; the step updates nothing (grads are None)
-            self.skip_update = False
+    def _gradient_norm(self) -> torch.Tensor:
+        """The global gradient norm (a device tensor; unscaled first under fp16), clipped to `optim.grad_clip`."""
+        self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.grad_clip or math.inf)
+
+    def _optimizer_step(self, skip: bool) -> float:
+        """The optimiser and scheduler step; with `skip` (a non-finite loss or gradient on some process) the
+        gradients are dropped and the weights stay as they were."""
+        if skip:
             self.optimizer.zero_grad(set_to_none=True)
-            self.optimizer.step()
+            self.optimizer.step()  # no gradients: updates nothing, keeps the optimiser's step count in line
+            self.scaler.update()
         else:
-            if self.config.optim.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.objective.parameters(), self.config.optim.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -249,10 +296,27 @@ class Trainer:
         self.position.step += 1
         return lr
 
+    def _log_window(self, losses: dict[str, torch.Tensor], norm: torch.Tensor, lr: float, window: dict,
+                    progress: tqdm) -> None:
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        rate, wait = window["samples"] / elapsed, window["waited"] / elapsed
+        values = {name: float(value) for name, value in losses.items()}
+        self._log(values | {"grad_norm": float(norm)}, lr, rate, wait)
+        progress.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.0f}",
+                             data_wait=f"{wait:.0%}", skipped=sum(self.skipped.values()))
+        window.update(start=time.perf_counter(), samples=0, waited=0.0)
+
     # ------------------------------------------------------------------------------------ outputs and state
-    def _log(self, losses: dict[str, float], lr: float, samples_per_s: float) -> None:
-        self.log.train({"step": self.position.step, "epoch": self.position.epoch, **losses, "lr": lr,
-                        "samples_per_s": samples_per_s, "logit_scale": float(self.model.logit_scale.detach().exp())})
+    def _log(self, losses: dict[str, float], lr: float, samples_per_s: float, data_wait: float) -> None:
+        """A log.jsonl line and TensorBoard scalars: losses, lr, samples/s (all processes), the share of the
+        window's wall time spent waiting for data (high: the loader starves the step), the peak GPU memory."""
+        record = {"step": self.position.step, "epoch": self.position.epoch, **losses, "lr": lr,
+                  "samples_per_s": samples_per_s, "data_wait": round(data_wait, 4),
+                  "logit_scale": float(self.model.logit_scale.detach().exp())}
+        if self.device.type == "cuda":
+            record["gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.log.train(record)
 
     def _evaluate(self) -> dict[str, Any]:
         if not self.dist.is_main or not (self.val_retrieval or self.val_zeroshot):
