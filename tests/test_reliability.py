@@ -202,3 +202,22 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(tmp_path, t
         assert len(result.stderr.strip().splitlines()) == 1 and str(evil) in result.stderr, (command, result.stderr)
         assert "pickled objects other than weights" in result.stderr, (command, result.stderr)
     assert not marker.exists()
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_and_reported(tmp_path, toyworld_dir, capsys):
+    trainer = Trainer(load_config(write_config(tmp_path, toyworld_dir)))
+    calls = [0]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return grad * float("inf") if calls[0] in (2, 3) else grad
+
+    trainer.model.logit_scale.register_hook(poison)
+    summary = trainer.run()
+    assert summary["nonfinite_steps"] == 2
+    assert "non-finite gradient (norm " in capsys.readouterr().err
+    final = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    records = read_log(tmp_path / "run")
+    steps = [record["step"] for record in records]
+    assert 2 not in steps and 3 not in steps and 4 in steps and all("grad_norm" in r for r in records)
