@@ -1,6 +1,6 @@
 """Time one distillation step (forward + backward + AdamW) per teacher mode, as ratios measured in one run.
 
-    python benchmarks/distill_step.py [--pairs toy ViT-B-16] [--batch 32] [--steps 5] [--device cpu|cuda]
+    python benchmarks/distill_step.py [--pairs toy ViT-B-16] [--batch 32] [--steps 5] [--device cpu|cuda] [--compile]
 
 For each teacher/student pair (toy: toy-teacher -> toy-student at 48 px; ViT-B-16: ViT-B-16 -> ViT-T-16 at 224 px,
 random weights), it times:
@@ -8,6 +8,7 @@ random weights), it times:
   cached               CLIP-KD (task + CRD + ICL + FD) from a teacher-embedding cache (no teacher forward)
   cached + dino        the same plus the dino-loss
   online fp32 / bf16   CLIP-KD + dino with the frozen teacher run at every step, fp32 or bf16 weights
+  compiled             (--compile) cached + dino under torch.compile (inductor), as `train.compile: true`
 and prints each time with its ratio to the student-only step, and the dino-loss's own cost (cached + dino / cached).
 The cache is a real one on disk (random embeddings for the batch's samples), read through memory maps by the
 lookup the loader workers run (`BatchTargets`); as in training, that lookup is not part of the timed step.
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row: cached + dino under torch.compile (train.compile: true)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -92,6 +95,9 @@ def main() -> None:
 
             modes = {"student only": CLIPObjective(student).to(device), "cached": distiller(cached, 0.0),
                      "cached + dino": distiller(cached, 1.0)}
+            if args.compile:
+                modes["cached + dino, compiled"] = distiller(cached, 1.0)
+                modes["cached + dino, compiled"].compile()
             for weights in ("fp32", "bf16"):
                 modes[f"online {weights} teacher"] = distiller(
                     OnlineTeacher(teacher_name, None, weights, device, student), 1.0)

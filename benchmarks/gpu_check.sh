@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One short GPU check for a session that is lent a GPU machine: the CUDA tests, a 1-GPU torchrun smoke run (NCCL),
 # a labelling pass and a cached distillation run on the GPU (the CUDA tests add KD++ classification and the
-# chunked search), and the step benchmarks on the GPU. Prints everything; record the tables in docs/benchmarks.md with the
-# card's name. Usage: bash benchmarks/gpu_check.sh   (from the repository root)
+# chunked search), the step benchmarks on the GPU (a cached ViT-B-16 -> ViT-T-16 step at batch 128 with and without
+# torch.compile) and the data pipeline at 8 loader workers. Prints everything; record the tables in
+# docs/benchmarks.md with the card's name. Usage: bash benchmarks/gpu_check.sh   (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -25,3 +26,5 @@ tmp="$(mktemp -d)"
   2>&1 | grep -v "batch/s" | tail -8
 .venv/bin/python benchmarks/train_step.py --models toy-teacher ViT-T-16 --batch 128 --device cuda
 .venv/bin/python benchmarks/distill_step.py --batch 128 --device cuda
+.venv/bin/python benchmarks/distill_step.py --pairs ViT-B-16 --batch 128 --device cuda --compile
+.venv/bin/python benchmarks/loader_speed.py --workers 8 --images 4000 2>&1 | grep -v "toyworld:"

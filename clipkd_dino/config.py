@@ -64,6 +64,8 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
     max_nonfinite_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
+    compile: bool = False  # run the objective (student, projectors, losses) under torch.compile
+    compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager where inductor cannot build)
 
 
 @dataclass

@@ -11,14 +11,14 @@
 - ICL's scale is learnable: exp of a parameter initialised at ln(icl_init_scale), clamped to 100 like the logit
   scale (the public CLIP-KD code uses the raw parameter as a multiplier).
 - MFD really masks: a second forward of the student's image tower with `mask_ratio` of its patch tokens dropped
-  (open_clip's PatchDropout), compared with the teacher's features of the full image.
+  (open_clip's PatchDropout, in a view of the tower that shares its weights), compared with the teacher's features
+  of the full image.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,18 @@ def fd_weight(configured: float | None, dim: int) -> float:
 
 def _projector(d_in: int, d_out: int) -> nn.Module:
     return nn.Linear(d_in, d_out) if d_in != d_out else nn.Identity()
+
+
+def masked_tower(visual: nn.Module, ratio: float) -> nn.Module:
+    """The student's image tower dropping `ratio` of its patch tokens: the same submodules and weights with a
+    PatchDropout of its own. Kept outside the module tree (no second copy in state dicts), so the forward never
+    swaps modules (which would break `torch.compile`'s graphs)."""
+    from open_clip.transformer import PatchDropout
+
+    masked = copy.copy(visual)
+    masked._modules = dict(visual._modules)
+    masked.patch_dropout = PatchDropout(ratio)
+    return masked
 
 
 def dino_projector(d_in: int, d_out: int) -> nn.Module:
@@ -70,8 +82,10 @@ class CLIPDistiller(nn.Module):
             self.icl_log_scale = nn.Parameter(torch.tensor(math.log(config.icl_init_scale)))
         if weights.afd:
             self.fuse_image, self.fuse_text = nn.Linear(d_s + d_t, d_t), nn.Linear(d_s + d_t, d_t)
-        if weights.mfd and not hasattr(model.visual, "patch_dropout"):
-            raise ConfigError("config key 'distill.weights.mfd': MFD masks patch tokens and needs a ViT student")
+        if weights.mfd:
+            if not hasattr(model.visual, "patch_dropout"):
+                raise ConfigError("config key 'distill.weights.mfd': MFD masks patch tokens and needs a ViT student")
+            object.__setattr__(self, "_masked_visual", masked_tower(model.visual, config.mask_ratio))
         for side, means in (("dino", class_means), ("dino_text", text_class_means)):
             if self.weights[side]:
                 if means is None:
@@ -105,8 +119,7 @@ class CLIPDistiller(nn.Module):
         if w["fd"]:
             losses["loss_fd"] = w["fd"] * fd_loss(p_image, p_text, t_image, t_text)
         if w["mfd"]:
-            with self._masked_patches():
-                masked = self.project_image(self.model.encode_image(images))
+            masked = self.project_image(self._masked_visual(images))
             losses["loss_mfd"] = w["mfd"] * fd_loss(masked, p_text, t_image, t_text)
         if w["icl"] or w["gd"]:
             gp_image, gp_text = gather(p_image), gather(p_text)
@@ -130,15 +143,3 @@ class CLIPDistiller(nn.Module):
                 losses["loss_dino_text"] = w["dino_text"] * dino_loss(
                     self.dino_text_projector(s_text), t_text, self.dino_text_means, labels, **options)
         return losses
-
-    @contextlib.contextmanager
-    def _masked_patches(self) -> Iterator[None]:
-        from open_clip.transformer import PatchDropout
-
-        visual = self.model.visual
-        original = visual.patch_dropout
-        visual.patch_dropout = PatchDropout(self.config.mask_ratio)
-        try:
-            yield
-        finally:
-            visual.patch_dropout = original

@@ -99,6 +99,8 @@ class Trainer:
             self.model, config.data.augment, tuple(config.data.crop_scale)
         )
         self.objective = build_objective(config, self.model, device)
+        if config.train.compile:  # in place: state dicts keep their names
+            self.objective.compile(backend=config.train.compile_backend)
         images = PairImages(train_transform, self.objective.views, self.objective.num_views)
         self.data = TrainData(config.data, images, self.tokenizer, config.train.batch_size,
                               self.dist.rank, self.dist.world_size, config.train.seed,
