@@ -96,6 +96,16 @@ class CLIPDistiller(nn.Module):
                 self.register_buffer(f"{side}_means", means.float(), persistent=False)
                 setattr(self, f"{side}_projector", dino_projector(d_s, d_t))
 
+    @property
+    def uses_every_parameter(self) -> bool:
+        """Whether the recipe gives every learnable part a gradient (else DDP must look for unused ones at each
+        step): the logit scale needs task, CRD, GD or AFD; each tower needs a term that reads it. The extras are
+        only built when a term uses them."""
+        w = {name: bool(weight) for name, weight in self.weights.items()}
+        image = any(w[n] for n in ("task", "crd", "fd", "mfd", "icl", "gd", "afd", "dino"))
+        text = any(w[n] for n in ("task", "crd", "fd", "mfd", "icl", "gd", "afd", "dino_text"))
+        return image and text and any(w[n] for n in ("task", "crd", "gd", "afd"))
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L], labels [B] (with the dino-loss) and what the
         teacher reads (`teachers.py`) -> named losses."""

@@ -21,9 +21,13 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     write_atomic(path, lambda stream: torch.save(payload, stream))
 
 
-def resolve_resume(resume: str, output_dir: Path) -> Path:
-    """'latest' -> OUTPUT_DIR/checkpoints/latest.pt; anything else is a path."""
-    path = output_dir / "checkpoints" / "latest.pt" if resume == "latest" else Path(resume)
+def resolve_resume(resume: str, output_dir: Path) -> Path | None:
+    """'latest' -> OUTPUT_DIR/checkpoints/latest.pt; 'auto' -> the same when it exists, else None (a fresh start:
+    what `torchrun --max-restarts N ... --resume auto` needs); anything else is a path."""
+    latest = output_dir / "checkpoints" / "latest.pt"
+    if resume == "auto":
+        return latest if latest.is_file() else None
+    path = latest if resume == "latest" else Path(resume)
     if not path.is_file():
         raise UserError(f"--resume: checkpoint not found: {path}")
     return path

@@ -1,4 +1,4 @@
-"""`clipkd train CONFIG.yaml [key=value ...] [--resume latest|PATH]`."""
+"""`clipkd train CONFIG.yaml [key=value ...] [--resume latest|auto|PATH]`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("config", help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    parser.add_argument("--resume", metavar="latest|PATH",
-                        help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest') or a checkpoint file")
+    parser.add_argument("--resume", metavar="latest|auto|PATH",
+                        help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest'; 'auto': when it exists, else "
+                             "start fresh, for torchrun --max-restarts) or a checkpoint file")
     parser.add_argument("--max-bad-fraction", type=float, metavar="F",
                         help="stop once more than this fraction of the samples read were bad (sets the config key "
                              "data.max_bad_fraction)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -45,6 +46,9 @@ def init_process(device_name: str) -> tuple[torch.device, DistInfo]:
 
     device = resolve_device(device_name)
     info = init_distributed(device.type)
+    if device_name == "auto" and device.type == "cpu" and info.enabled and info.is_main:
+        print(f"warning: device 'auto' found no working CUDA: {info.world_size} torchrun processes train on the CPU "
+              "with gloo (set train.device=cuda to make this an error)", file=sys.stderr, flush=True)
     if device.type == "cuda" and info.enabled:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

@@ -49,6 +49,21 @@ from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
 
 
+RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws dropout and masks from seed + r x this
+
+
+def random_state(device: torch.device) -> dict[str, Any]:
+    """This process's CPU generator and, on CUDA, its device's generator."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_random_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 @dataclass(frozen=True)
 class Agreed:
     """What every process learns at a step's exchange: the step had a non-finite loss or gradient somewhere; some
@@ -99,6 +114,8 @@ class Trainer:
             self.model, config.data.augment, tuple(config.data.crop_scale)
         )
         self.objective = build_objective(config, self.model, device)
+        if self.dist.rank:  # the same weights everywhere (DDP broadcasts them anyway), a random stream per rank
+            torch.manual_seed(config.train.seed + RANK_SEED_STRIDE * self.dist.rank)
         if config.train.compile:  # in place: state dicts keep their names
             self.objective.compile(backend=config.train.compile_backend)
         images = PairImages(train_transform, self.objective.views, self.objective.num_views)
@@ -109,7 +126,8 @@ class Trainer:
                               if config.data.val_retrieval else None)
         self.val_zeroshot = read_zeroshot_dir(config.data.val_zeroshot) if config.data.val_zeroshot else None
         self.wrapped = (
-            DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None)
+            DistributedDataParallel(self.objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                    find_unused_parameters=not self.objective.uses_every_parameter)
             if self.dist.enabled else self.objective
         )
         accum = config.optim.accum_steps
@@ -335,7 +353,9 @@ class Trainer:
         return metrics
 
     def _save(self, path: Path, full: bool) -> None:
-        cursors = gathered_objects(self.cursors) if full else []  # every rank's streams (a collective)
+        # every rank's data streams and random generators (a collective: every rank saves at the same steps)
+        if full:
+            cursors, rng = gathered_objects(self.cursors), gathered_objects(random_state(self.device))
         if not self.dist.is_main:
             return
         payload: dict[str, Any] = {
@@ -355,8 +375,9 @@ class Trainer:
                 "skipped": dict(self.skipped),
                 "seen": self.seen,
                 "underfull": self.underfull,
-                "rng": torch.get_rng_state(),  # dropout (e.g. a dino projector's) continues as if never stopped
+                "rng": rng,  # per rank: dropout and masks continue as if never stopped
                 "data_cursors": cursors,  # per rank: where each webdataset stream of the epoch stands
+                "world_size": self.dist.world_size,
             }
         save_checkpoint(payload, path, payload["state_dict"])
 
@@ -366,17 +387,22 @@ class Trainer:
         if state["model_name"] != self.config.model.name:
             raise ConfigError(f"--resume: the checkpoint is a {state['model_name']!r} model, the config says "
                               f"{self.config.model.name!r}")
+        saved_world = state.get("world_size", self.dist.world_size)
+        if saved_world != self.dist.world_size:
+            raise ConfigError(f"--resume: the checkpoint was written by {saved_world} processes and this run has "
+                              f"{self.dist.world_size}: resume with {saved_world} (torchrun --nproc_per_node), or "
+                              "start a new run from its weights (model.pretrained=CHECKPOINTS/epoch_N.pt)")
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped.update(state["skipped"])
         self.seen, self.underfull = state.get("seen", 0), state.get("underfull", 0)
-        if "rng" in state:
+        if isinstance(state["rng"], torch.Tensor):  # written before per-rank states: rank 0's CPU generator
             torch.set_rng_state(state["rng"])
-        cursors = state.get("data_cursors", [])
-        if len(cursors) == self.dist.world_size:  # another world size: the streams are replayed (pairs.py)
-            self.cursors = cursors[self.dist.rank]
+        else:
+            set_random_state(state["rng"][self.dist.rank], self.device)
+            self.cursors = state["data_cursors"][self.dist.rank]
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
 
 
