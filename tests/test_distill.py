@@ -123,9 +123,10 @@ def test_cached_distillation_trains_logs_each_loss_and_resumes_to_the_same_weigh
 
 
 @pytest.mark.slow
-def test_killed_webdataset_online_distillation_resumes_to_the_same_weights(tmp_path, toyworld_dir):
-    """Online teacher on webdataset shards, two DataLoader workers and random crops: the stream is a function of
-    (seed, rank, epoch) and resumes at any batch, and the dino projector's dropout continues as if never stopped."""
+def test_killed_webdataset_cached_distillation_resumes_to_the_same_weights(tmp_path, toyworld_dir):
+    """From the cache, on webdataset shards with two DataLoader workers: each worker's stream is a function of
+    (seed, rank, epoch, stream) and is restored from its cursor at any batch; the cache rows and labels come from
+    the workers; the dino projector's dropout continues as if never stopped."""
     from clipkd_dino.data.toyworld import KINDS
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
@@ -135,8 +136,8 @@ def test_killed_webdataset_online_distillation_resumes_to_the_same_weights(tmp_p
                                 "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
     label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
                                 data=str(shards), out=str(tmp_path / "labels"), workers=0, device="cpu",
-                                templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json")))
-    config = distill_config(tmp_path, toyworld_dir, tmp_path / "labels", False)
+                                cache_views=2, templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json")))
+    config = distill_config(tmp_path, toyworld_dir, tmp_path / "labels", True)
     raw = yaml.safe_load(config.read_text())
     raw["data"] = {"train": str(shards), "workers": 2, "augment": True, "num_samples": 320, "shuffle_buffer": 50}
     raw["train"] |= {"epochs": 2, "checkpoint_every_steps": 2}
