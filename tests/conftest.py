@@ -97,3 +97,20 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     expected = torch.load(tmp_path / "reference" / "checkpoints" / name, weights_only=True)[key]
     for tensor_name, tensor in expected.items():
         torch.testing.assert_close(resumed_weights[tensor_name], tensor, msg=tensor_name)
+
+
+def label_toyworld(toyworld_dir: Path, out: Path, data: Path, **settings) -> Path:
+    """`clipkd label` (in this process) of toyworld `data` with the shipped toy teacher, its 16 kinds as the pool
+    and toyworld's templates; returns the output folder."""
+    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    pool = out.parent / f"{out.name}_pool.json"
+    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
+    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(REPO / "assets" / "toy_teacher.pt"),
+                                concepts=str(pool), data=str(data), out=str(out), workers=0, device="cpu",
+                                templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json"),
+                                **settings))
+    return out

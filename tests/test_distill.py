@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted
+from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, label_toyworld
 
 TEACHER = REPO / "assets" / "toy_teacher.pt"
 
@@ -17,18 +17,8 @@ TEACHER = REPO / "assets" / "toy_teacher.pt"
 @pytest.fixture(scope="module")
 def label_dir(toyworld_dir, tmp_path_factory) -> Path:
     """The labelling pass over the toy train CSV: labels, class means and a 2-view cache."""
-    from clipkd_dino.data.toyworld import KINDS
-    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
-
-    tmp = tmp_path_factory.mktemp("distill_labels")
-    pool = tmp / "pool.json"
-    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
-                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
-    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
-                                data=str(toyworld_dir / "train" / "captions.csv"), out=str(tmp / "labels"),
-                                templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json"),
-                                cache_views=2, workers=0, device="cpu", batch_size=48))
-    return tmp / "labels"
+    return label_toyworld(toyworld_dir, tmp_path_factory.mktemp("distill_labels") / "labels",
+                          toyworld_dir / "train" / "captions.csv", cache_views=2, batch_size=48)
 
 
 def distill_config(tmp_path: Path, toyworld_dir: Path, label_dir: Path, cached: bool, **weights) -> Path:
@@ -127,17 +117,9 @@ def test_killed_webdataset_cached_distillation_resumes_to_the_same_weights(tmp_p
     """From the cache, on webdataset shards with two DataLoader workers: each worker's stream is a function of
     (seed, rank, epoch, stream) and is restored from its cursor at any batch; the cache rows and labels come from
     the workers; the dino projector's dropout continues as if never stopped."""
-    from clipkd_dino.data.toyworld import KINDS
-    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
-
     shards = toyworld_dir / "train" / "shards"
-    pool = tmp_path / "pool.json"
-    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
-                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
-    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(TEACHER), concepts=str(pool),
-                                data=str(shards), out=str(tmp_path / "labels"), workers=0, device="cpu",
-                                cache_views=2, templates=str(toyworld_dir / "val" / "zeroshot" / "templates.json")))
-    config = distill_config(tmp_path, toyworld_dir, tmp_path / "labels", True)
+    labels = label_toyworld(toyworld_dir, tmp_path / "labels", shards, cache_views=2)
+    config = distill_config(tmp_path, toyworld_dir, labels, True)
     raw = yaml.safe_load(config.read_text())
     raw["data"] = {"train": str(shards), "workers": 2, "augment": True, "num_samples": 320, "shuffle_buffer": 50}
     raw["train"] |= {"epochs": 2, "checkpoint_every_steps": 2}

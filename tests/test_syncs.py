@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import label_toyworld
 
 PROBE = Path(__file__).parent / "sync_probe.py"
 
@@ -64,16 +64,6 @@ def test_one_host_sync_per_step_outside_logging_steps(tmp_path, toyworld_dir, pr
 
 @pytest.fixture(scope="module")
 def label_dir_shards(toyworld_dir, tmp_path_factory) -> Path:
-    from clipkd_dino.data.toyworld import KINDS
-    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
-
-    tmp = tmp_path_factory.mktemp("sync_labels")
-    pool = tmp / "pool.json"
-    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
-                                "concepts": [{"concept": k, "count": 1} for k in KINDS]}))
-    label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained=str(REPO / "assets" / "toy_teacher.pt"),
-                                concepts=str(pool), data=str(toyworld_dir / "train" / "shards"),
-                                out=str(tmp / "labels"), templates=str(toyworld_dir / "val" / "zeroshot" /
-                                                                       "templates.json"),
-                                cache_views=2, workers=0, device="cpu"))
-    return tmp / "labels"
+    """Labels and a 2-view cache of the toyworld shards."""
+    return label_toyworld(toyworld_dir, tmp_path_factory.mktemp("sync_labels") / "labels",
+                          toyworld_dir / "train" / "shards", cache_views=2)

@@ -35,7 +35,7 @@ from clipkd_dino.eval.evaluate import evaluate_model
 from clipkd_dino.eval.retrieval import read_retrieval_file
 from clipkd_dino.eval.zeroshot import read_zeroshot_dir
 from clipkd_dino.files import write_json_atomic
-from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
+from clipkd_dino.models import create_model, get_tokenizer, image_transforms
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
