@@ -10,6 +10,8 @@ random weights), it times:
   online fp32 / bf16   CLIP-KD + dino with the frozen teacher run at every step, fp32 or bf16 weights
   compiled             (--compile) cached + dino under torch.compile (inductor), as `train.compile: true`
 and prints each time with its ratio to the student-only step, and the dino-loss's own cost (cached + dino / cached).
+Then the real training loop (`--trainer-steps`, toy pair from a cache on toyworld shards): host syncs per optimiser
+step made by our code outside log steps (goal <= 1), and the step time with the data wait included and excluded.
 The cache is a real one on disk (random embeddings for the batch's samples), read through memory maps by the
 lookup the loader workers run (`BatchTargets`); as in training, that lookup is not part of the timed step.
 """
@@ -59,6 +61,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--trainer-steps", type=int, default=40,
+                        help="steps of the real training loop for the syncs and data-wait row (0: none)")
     parser.add_argument("--compile", action="store_true",
                         help="add a row: cached + dino under torch.compile (train.compile: true)")
     args = parser.parse_args()
@@ -108,6 +112,75 @@ def main() -> None:
                       f"{times[mode] / times['student only']:15.2f}x", flush=True)
             print(f"{'':<22} {'dino-loss cost':<20} {'':>8} {times['cached + dino'] / times['cached']:15.3f}x "
                   "(cached + dino / cached)")
+    if args.trainer_steps:
+        trainer_row(args, device)
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
+
+
+def trainer_row(args: argparse.Namespace, device: torch.device) -> None:
+    """The real training loop (toy student from a toy-teacher cache on toyworld shards, one loader worker):
+    host reads of tensor values made by clipkd's own code per optimiser step outside logging steps, and the step
+    time with the data wait included and excluded (from the log's samples/s and data_wait)."""
+    import sys
+
+    import yaml
+
+    from clipkd_dino.config import load_config
+    from clipkd_dino.data.toyworld import KINDS, generate
+    from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
+    from clipkd_dino.train.trainer import Trainer
+
+    reads = [0]
+
+    def counted(function):
+        def wrapper(*a, **k):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("clipkd_dino"):
+                reads[0] += 1
+            return function(*a, **k)
+        return wrapper
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        generate(tmp / "tw", n_train=args.batch * (args.trainer_steps + 1), n_val=8, image_size=48, seed=0,
+                 workers=1, shard_size=256)
+        (tmp / "pool.json").write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1, "concepts": [
+            {"concept": k, "count": 1} for k in KINDS]}))
+        label_dataset(LabelSettings(teacher="toy-teacher", teacher_pretrained="assets/toy_teacher.pt",
+                                    concepts=str(tmp / "pool.json"), data=str(tmp / "tw" / "train" / "shards"),
+                                    out=str(tmp / "labels"), templates=str(tmp / "tw" / "val" / "zeroshot" /
+                                                                           "templates.json"),
+                                    cache_views=2, workers=0, device=str(device)))
+        log_every = 5
+        (tmp / "config.yaml").write_text(yaml.safe_dump({
+            "model": {"name": "toy-student"},
+            "data": {"train": str(tmp / "tw" / "train" / "shards"), "workers": 1,
+                     "num_samples": args.batch * args.trainer_steps},
+            "train": {"epochs": 1, "batch_size": args.batch, "device": str(device), "log_every_steps": log_every,
+                      "eval_every_epochs": 0, "output_dir": str(tmp / "run")},
+            "distill": {"teacher": "toy-teacher", "cache": str(tmp / "labels"), "labels": str(tmp / "labels")}}))
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        trainer = Trainer(load_config(tmp / "config.yaml"))
+        per_step, optimizer_step = [], trainer._optimizer_step
+
+        def counting(skip: bool) -> float:
+            per_step.append(reads[0])
+            reads[0] = 0
+            return optimizer_step(skip)
+
+        trainer._optimizer_step = counting
+        trainer.run()
+        log = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()][1:]
+    quiet = [count for step, count in enumerate(per_step, 1) if step > 2 and (step - 1) % log_every]
+    included = sum(args.batch / record["samples_per_s"] for record in log) / len(log)
+    excluded = sum(args.batch / record["samples_per_s"] * (1 - record["data_wait"]) for record in log) / len(log)
+    print(f"\ntraining loop, toy-teacher cache -> toy-student, batch {args.batch}, {args.trainer_steps} steps, "
+          "1 loader worker:")
+    print(f"host syncs per step outside log steps: max {max(quiet)}, mean {sum(quiet) / len(quiet):.2f} (goal <= 1)")
+    print(f"s/step with data waiting included {included:.3f}, excluded {excluded:.3f} "
+          f"(data wait {1 - excluded / included:.0%} of the step)")
 
 
 if __name__ == "__main__":
