@@ -164,6 +164,8 @@ class Trainer:
                 "steps": self.position.step,
                 "processes": self.dist.world_size,
                 "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
+                # the batch the contrastive terms see: one micro-batch of every process (accumulation sums them)
+                "contrastive_batch": self.config.train.batch_size * self.dist.world_size,
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": summed_counts(self.skipped),
                 "seen_samples": summed_counts({"seen": self.seen}).get("seen", 0),  # over every process
