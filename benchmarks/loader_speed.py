@@ -1,6 +1,7 @@
 """Speed of the training data pipeline on real-sized JPEG shards: ours, open_clip's, and bare decode + crop.
 
     python benchmarks/loader_speed.py [--images 4000] [--size 448] [--batch 128] [--workers 1 2] [--shuffle 200]
+                                      [--shards DIR]   (your own shards; --images is then the epoch's size)
 
 Data: toyworld drawn at --size px and stored as JPEG (quality 90) in webdataset shards of 250 samples. Transform:
 RandomResizedCrop(224, scale 0.9-1.0, bicubic), then uint8 pixels (ours, and the bare row) or ToTensor + Normalize
@@ -108,7 +109,8 @@ def bare(shards: Path, images: int) -> float:
     encoded = []
     for shard in sorted(shards.glob("*.tar")):
         with tarfile.open(shard) as archive:
-            encoded += [archive.extractfile(m).read() for m in archive.getmembers() if m.name.endswith(".jpg")]
+            encoded += [archive.extractfile(m).read() for m in archive.getmembers()
+                        if m.name.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))]
     transform = train_transform(uint8=True)
     start = time.perf_counter()
     for data in encoded[:images]:
@@ -154,17 +156,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--shards", type=Path,
+                        help="a folder of your own webdataset shards (.jpg + .txt members) instead of toyworld's")
     parser.add_argument("--shuffle", type=int, default=200,
                         help="sample shuffle buffer of both pipelines (small against the data, as at scale)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.images} toyworld "
-          f"images at {args.size} px as JPEG, batch {args.batch}, crop to 224 px, one thread per process")
+    data = args.shards or f"{args.images} toyworld images at {args.size} px as JPEG"
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {data}, batch "
+          f"{args.batch}, crop to 224 px, one thread per process")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        generate(tmp / "png", n_train=args.images, n_val=8, image_size=args.size, seed=0, workers=os.cpu_count(),
-                 shard_size=SHARD_SIZE)
-        shards = jpeg_shards(tmp / "png" / "train" / "shards", tmp / "jpeg")
+        if args.shards:
+            shards = args.shards
+        else:
+            generate(tmp / "png", n_train=args.images, n_val=8, image_size=args.size, seed=0,
+                     workers=os.cpu_count(), shard_size=SHARD_SIZE)
+            shards = jpeg_shards(tmp / "png" / "train" / "shards", tmp / "jpeg")
         size = sum(p.stat().st_size for p in shards.glob("*.tar"))
         shard_bytes = size / len(list(shards.glob("*.tar")))
         print(f"data: {size / 2**20:.1f} MiB in {len(list(shards.glob('*.tar')))} shards\n")
