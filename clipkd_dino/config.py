@@ -49,7 +49,7 @@ class OptimConfig:
     eps: float = 1e-6
     warmup_steps: int = 10000  # optimiser steps of linear warm-up, then cosine decay to 0
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
-    accum_steps: int = 1  # micro-batches per optimiser step (each micro-batch is its own contrastive batch)
+    accum_steps: int = 1  # micro-batches per optimiser step; the contrastive terms see all of them (accum_freq)
 
 
 @dataclass

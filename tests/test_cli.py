@@ -40,7 +40,7 @@ def test_accumulation_clipping_bf16_and_logs(tmp_path, toyworld_dir):
     summary = train(load_config(None, overrides))
     run = Path(tmp_path / "run")
     assert summary["steps"] == 15 and summary["global_batch"] == 32  # 480 captions / 16 = 30 micro-batches
-    assert summary["contrastive_batch"] == 16  # accumulation does not enlarge the contrastive batch
+    assert summary["contrastive_batch"] == 32  # the contrastive terms see both micro-batches
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 5, 10, 15]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     evaluation = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])

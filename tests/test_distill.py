@@ -146,3 +146,42 @@ def test_online_distillation_runs(tmp_path, toyworld_dir, label_dir):
 def test_distill_config_errors_exit_2_with_one_line(tmp_path, toyworld_dir, label_dir, override, message):
     result = clipkd("train", str(distill_config(tmp_path, toyworld_dir, label_dir, True)), override)
     assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_contrastive_losses_and_gradients():
+    """k micro-batches of B through `forward(batch, accumulated, index)` (each pass: the whole contrastive loss,
+    only its own embeddings with a gradient) give the losses and gradients of one batch of kB, fp64, for task +
+    CRD + ICL + GD + AFD (the teacher's embeddings come with the batch, as the cache's do)."""
+    from clipkd_dino.config import DistillConfig, LossWeights
+    from clipkd_dino.distill.distiller import CLIPDistiller
+    from clipkd_dino.models import create_model, get_tokenizer
+
+    class BatchTeacher:  # the cache's role: the teacher's embeddings arrive in the batch
+        views, num_views, dim, logit_scale = None, 0, 96, 50.0
+
+        def features(self, batch):
+            return batch["teacher_image"], batch["teacher_text"]
+
+    torch.manual_seed(0)
+    student = create_model("toy-student").double()
+    weights = LossWeights(task=1.0, crd=1.0, icl=1.0, gd=1.0, afd=1.0, fd=0.0, dino=0.0)
+    distiller = CLIPDistiller(student, BatchTeacher(), DistillConfig(weights=weights), 64).double()
+    tokens = get_tokenizer("toy-student")([f"a {c} star" for c in ("red", "blue", "green", "pink")] * 3)
+    whole = {"images": torch.rand(12, 3, 48, 48, dtype=torch.float64), "texts": tokens,
+             "teacher_image": torch.randn(12, 96, dtype=torch.float64),
+             "teacher_text": torch.randn(12, 96, dtype=torch.float64)}
+    named = distiller(whole)
+    sum(named.values()).backward()
+    expected = {name: p.grad.clone() for name, p in distiller.named_parameters() if p.grad is not None}
+    distiller.zero_grad()
+    micro = [{k: v[i:i + 4] for k, v in whole.items()} for i in range(0, 12, 4)]
+    with torch.no_grad():
+        accumulated = [distiller.embed(batch) for batch in micro]
+    for index, batch in enumerate(micro):
+        parts = distiller(batch, accumulated, index)
+        for name in named:
+            torch.testing.assert_close(parts[name], named[name], rtol=1e-6, atol=1e-9)
+        sum(parts.values()).backward()
+    assert set(expected) == {name for name, p in distiller.named_parameters() if p.grad is not None}
+    for name, grad in expected.items():
+        torch.testing.assert_close(dict(distiller.named_parameters())[name].grad, grad, rtol=1e-6, atol=1e-9)

@@ -29,7 +29,7 @@ from clipkd_dino.errors import ConfigError
 from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.losses import afd_loss, clip_loss, crd_loss, dino_loss, fd_loss, gd_loss, icl_loss
 from clipkd_dino.train.distributed import all_gather_with_grad
-from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
+from clipkd_dino.train.objectives import MAX_LOGIT_SCALE, with_micro_batch
 
 FD_REFERENCE_DIM = 512
 FD_REFERENCE_WEIGHT = 2000.0
@@ -106,50 +106,78 @@ class CLIPDistiller(nn.Module):
         text = any(w[n] for n in ("task", "crd", "fd", "mfd", "icl", "gd", "afd", "dino_text"))
         return image and text and any(w[n] for n in ("task", "crd", "gd", "afd"))
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L], labels [B] (with the dino-loss) and what the
-        teacher reads (`teachers.py`) -> named losses."""
+    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What the losses read per sample: the student's image and text embeddings (and their projections, the
+        masked image's), the teacher's (`teachers.py`), the labels. batch: images [B, 3, H, W] (uint8 pixels),
+        texts [B, L], labels [B] (with the dino-loss)."""
         w = self.weights
         images = self.pixels(batch["images"])
-        s_image = self.model.encode_image(images)
-        s_text = self.model.encode_text(batch["texts"])
-        t_image, t_text = self.teacher.features(batch)
-        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        out = {"s_image": self.model.encode_image(images), "s_text": self.model.encode_text(batch["texts"])}
+        out["t_image"], out["t_text"] = self.teacher.features(batch)
+        if w["fd"] or w["mfd"] or w["icl"] or w["gd"]:
+            out["p_image"], out["p_text"] = self.project_image(out["s_image"]), self.project_text(out["s_text"])
+        if w["mfd"]:
+            out["masked"] = self.project_image(self._masked_visual(images))
+        if w["dino"] or w["dino_text"]:
+            out["labels"] = batch["labels"].to(out["s_image"].device, non_blocking=True)
+        return out
+
+    def forward(self, batch: dict, accumulated: list[dict] | None = None, index: int = 0) -> dict[str, torch.Tensor]:
+        """Named losses of a batch. With `accumulated` (the `embed` of every micro-batch of the optimiser step,
+        without gradient) the contrastive terms see the whole accumulated batch, micro-batch `index` (this one)
+        with its gradient, as open_clip's `accum_freq`; the per-sample terms see this micro-batch."""
+        local = self.embed(batch)
+        if not accumulated:
+            return self.losses(local, local)
+        return self.losses(local, with_micro_batch(accumulated, local, index), index == len(accumulated) - 1)
+
+    def losses(self, local: dict[str, torch.Tensor], whole: dict[str, torch.Tensor],
+               scales_grad: bool = True) -> dict[str, torch.Tensor]:
+        """Contrastive terms (task, CRD, ICL, GD, AFD) over `whole` (all-gathered across processes), per-sample
+        terms (FD, MFD, dino) over `local`. Without `scales_grad` the parameters the contrastive terms apply to the
+        whole batch (the logit and ICL scales, AFD's fusions) get no gradient: under accumulation only the last
+        micro-batch's pass gives them theirs, so that the k passes sum to the whole batch's gradient."""
+        w = self.weights
+        own = (lambda t: t) if scales_grad else (lambda t: t.detach())
+        scale = own(self.model.logit_scale).exp().clamp(max=MAX_LOGIT_SCALE)
         gather = all_gather_with_grad
         losses: dict[str, torch.Tensor] = {}
-        g_image, g_text = gather(F.normalize(s_image, dim=-1)), gather(F.normalize(s_text, dim=-1))
-        gt_image, gt_text = gather(t_image), gather(t_text)
+        if w["task"] or w["crd"] or w["afd"] or w["icl"] or w["gd"]:
+            gt_image, gt_text = gather(whole["t_image"]), gather(whole["t_text"])
+        if w["task"] or w["crd"] or w["afd"]:
+            g_image = gather(F.normalize(whole["s_image"], dim=-1))
+            g_text = gather(F.normalize(whole["s_text"], dim=-1))
         if w["task"]:
             losses["loss_task"] = w["task"] * clip_loss(g_image, g_text, scale)
         if w["crd"]:
             losses["loss_crd"] = w["crd"] * crd_loss(g_image, g_text, gt_image, gt_text, scale,
                                                      self.teacher.logit_scale)
-        if w["fd"] or w["mfd"] or w["icl"] or w["gd"]:
-            p_image, p_text = self.project_image(s_image), self.project_text(s_text)
         if w["fd"]:
-            losses["loss_fd"] = w["fd"] * fd_loss(p_image, p_text, t_image, t_text)
+            losses["loss_fd"] = w["fd"] * fd_loss(local["p_image"], local["p_text"], local["t_image"],
+                                                  local["t_text"])
         if w["mfd"]:
-            masked = self.project_image(self._masked_visual(images))
-            losses["loss_mfd"] = w["mfd"] * fd_loss(masked, p_text, t_image, t_text)
+            losses["loss_mfd"] = w["mfd"] * fd_loss(local["masked"], local["p_text"], local["t_image"],
+                                                    local["t_text"])
         if w["icl"] or w["gd"]:
-            gp_image, gp_text = gather(p_image), gather(p_text)
+            gp_image, gp_text = gather(whole["p_image"]), gather(whole["p_text"])
             if w["icl"]:
-                icl_scale = self.icl_log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+                icl_scale = own(self.icl_log_scale).exp().clamp(max=MAX_LOGIT_SCALE)
                 losses["loss_icl"] = w["icl"] * icl_loss(gp_image, gp_text, gt_image, gt_text, icl_scale)
             if w["gd"]:
                 losses["loss_gd"] = w["gd"] * gd_loss(gp_image, gp_text, gt_image, gt_text, scale,
                                                       self.teacher.logit_scale)
         if w["afd"]:
-            losses["loss_afd"] = w["afd"] * afd_loss(g_image, g_text, gt_image, gt_text, self.fuse_image,
-                                                     self.fuse_text, scale)
+            fusions = [lambda x, m=m: F.linear(x, own(m.weight), own(m.bias)) for m in (self.fuse_image,
+                                                                                        self.fuse_text)]
+            losses["loss_afd"] = w["afd"] * afd_loss(g_image, g_text, gt_image, gt_text, *fusions, scale)
         if w["dino"] or w["dino_text"]:
-            labels = batch["labels"].to(s_image.device, non_blocking=True)
             options = {"teacher_norm_scale": self.config.dino_m, "p": self.config.dino_p,
                        "reduction": self.config.dino_reduction}
             if w["dino"]:
-                losses["loss_dino"] = w["dino"] * dino_loss(self.dino_projector(s_image), t_image, self.dino_means,
-                                                            labels, **options)
+                losses["loss_dino"] = w["dino"] * dino_loss(self.dino_projector(local["s_image"]), local["t_image"],
+                                                            self.dino_means, local["labels"], **options)
             if w["dino_text"]:
                 losses["loss_dino_text"] = w["dino_text"] * dino_loss(
-                    self.dino_text_projector(s_text), t_text, self.dino_text_means, labels, **options)
+                    self.dino_text_projector(local["s_text"]), local["t_text"], self.dino_text_means,
+                    local["labels"], **options)
         return losses

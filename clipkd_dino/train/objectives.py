@@ -1,6 +1,7 @@
 """Training objectives: modules that own the trainable parts and return a dict of named losses.
 
-The trainer sums the dict; distillation objectives add their terms under their own names.
+The trainer sums the dict; distillation objectives add their terms under their own names. The contrastive terms
+(`CONTRASTIVE_LOSSES`) see the whole accumulated batch under gradient accumulation, the others their micro-batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.train.distributed import all_gather_with_grad
 
 MAX_LOGIT_SCALE = 100.0
+CONTRASTIVE_LOSSES = ("loss_task", "loss_crd", "loss_icl", "loss_gd", "loss_afd")
 
 
 class CLIPObjective(nn.Module):
@@ -27,10 +29,25 @@ class CLIPObjective(nn.Module):
         super().__init__()
         self.model, self.pixels = model, PixelNormaliser(model)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L] token ids -> {"loss_task": scalar}."""
-        image_features = F.normalize(self.model.encode_image(self.pixels(batch["images"])), dim=-1)
-        text_features = F.normalize(self.model.encode_text(batch["texts"]), dim=-1)
-        scale = self.model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        loss = clip_loss(all_gather_with_grad(image_features), all_gather_with_grad(text_features), scale)
-        return {"loss_task": loss}
+    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: images [B, 3, H, W] (uint8 pixels), texts [B, L] token ids -> normalised embeddings."""
+        return {"image": F.normalize(self.model.encode_image(self.pixels(batch["images"])), dim=-1),
+                "text": F.normalize(self.model.encode_text(batch["texts"]), dim=-1)}
+
+    def forward(self, batch: dict, accumulated: list[dict] | None = None, index: int = 0) -> dict[str, torch.Tensor]:
+        """{"loss_task": scalar}; with `accumulated` (see `CLIPDistiller.forward`) over the accumulated batch."""
+        local = self.embed(batch)
+        whole = with_micro_batch(accumulated, local, index) if accumulated else local
+        scale = self.model.logit_scale
+        if accumulated and index != len(accumulated) - 1:  # its gradient from the last pass only
+            scale = scale.detach()
+        scale = scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return {"loss_task": clip_loss(all_gather_with_grad(whole["image"]), all_gather_with_grad(whole["text"]),
+                                       scale)}
+
+
+def with_micro_batch(accumulated: list[dict], local: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """The embeddings of every micro-batch of a step concatenated, micro-batch `index`'s replaced by `local` (the
+    one with a gradient): what the contrastive terms see under gradient accumulation."""
+    return {key: torch.cat([local[key] if m == index else part[key] for m, part in enumerate(accumulated)])
+            for key in local}

@@ -44,7 +44,7 @@ from clipkd_dino.train.distributed import (gathered_objects, gathered_tensors, i
 from clipkd_dino.data.faults import bad_fraction_exceeded
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
-from clipkd_dino.train.objectives import MAX_LOGIT_SCALE
+from clipkd_dino.train.objectives import CONTRASTIVE_LOSSES, MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
 
@@ -155,6 +155,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
         start = time.time()
+        global_batch = self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps
         try:
             with self.signals:
                 metrics = self._epochs()
@@ -163,9 +164,8 @@ class Trainer:
                 "epochs": self.config.train.epochs,
                 "steps": self.position.step,
                 "processes": self.dist.world_size,
-                "global_batch": self.config.train.batch_size * self.dist.world_size * self.config.optim.accum_steps,
-                # the batch the contrastive terms see: one micro-batch of every process (accumulation sums them)
-                "contrastive_batch": self.config.train.batch_size * self.dist.world_size,
+                "global_batch": global_batch,
+                "contrastive_batch": global_batch,  # the contrastive terms see every micro-batch of the step
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": summed_counts(self.skipped),
                 "seen_samples": summed_counts({"seen": self.seen}).get("seen", 0),  # over every process
@@ -265,35 +265,48 @@ class Trainer:
         accum = self.config.optim.accum_steps
         # BatchNorm (the dino projector) and the contrastive losses need two samples on every process
         trained = [m for m, per_rank in enumerate(sizes) if min(per_rank) >= min(2, self.config.train.batch_size)]
-        losses: dict[str, torch.Tensor] = {}
-        for micro, (batch, per_rank) in enumerate(zip(micro_batches, sizes)):
+        for batch in micro_batches:
             if "cursor" in batch:
                 cursor = batch.pop("cursor")
                 self.cursors[cursor["stream"]] = cursor
             self.skipped.update(batch["skipped"])
             self.seen += len(batch["images"]) + sum(batch["skipped"].values())
-            if micro in trained:
-                window["samples"] += sum(per_rank)
-                with known_batch_sizes(per_rank):
-                    named = self._forward_backward(batch, sync=micro == trained[-1])
-                for name, value in named.items():
-                    losses[name] = losses.get(name, 0.0) + value.detach() / accum
-            else:
-                self.underfull += 1
-            self.position.batch += 1
-            progress.update(1)
+        self.underfull += len(micro_batches) - len(trained)
+        batches = [self._to_device(micro_batches[m]) for m in trained]
+        accumulated, whole = None, None
+        if len(batches) > 1:  # the contrastive terms see every micro-batch: their embeddings first, no gradient
+            with torch.no_grad(), autocast(self.device, self.config.train.precision):
+                accumulated = [self.objective.embed(batch) for batch in batches]
+            whole = [sum(sizes[m][rank] for m in trained) for rank in range(self.dist.world_size)]
+        losses: dict[str, torch.Tensor] = {}
+        for index, (micro, batch) in enumerate(zip(trained, batches)):
+            window["samples"] += sum(sizes[micro])
+            with known_batch_sizes(whole or sizes[micro]):
+                named = self._forward_backward(batch, index == len(batches) - 1, accumulated, index)
+            for name, value in named.items():
+                losses[name] = losses.get(name, 0.0) + value.detach() / accum
+        self.position.batch += len(micro_batches)
+        progress.update(len(micro_batches))
         return losses
 
-    def _forward_backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _forward_backward(self, batch: dict, sync: bool, accumulated: list[dict] | None,
+                          index: int) -> dict[str, torch.Tensor]:
+        """Forward and backward of one micro-batch. Under accumulation each micro-batch's pass carries the whole
+        contrastive loss (only its own embeddings have a gradient, so the passes sum to the whole batch's
+        gradient) and a 1/k share of the per-sample terms."""
         no_sync = self.wrapped.no_sync if self.dist.enabled and not sync else contextlib.nullcontext
+        accum = self.config.optim.accum_steps
         with no_sync():
             with autocast(self.device, self.config.train.precision):
-                named = self.wrapped(batch)
-            loss = sum(named.values())
-            self.scaler.scale(loss / self.config.optim.accum_steps).backward()
-        return {"loss": loss, **named}
+                named = self.wrapped(batch, accumulated, index) if accumulated else self.wrapped(batch)
+            contrastive = sum(v for k, v in named.items() if k in CONTRASTIVE_LOSSES)
+            per_sample = sum(v for k, v in named.items() if k not in CONTRASTIVE_LOSSES)
+            self.scaler.scale((contrastive if accumulated else contrastive / accum) + per_sample / accum).backward()
+        return {"loss": sum(named.values()), **named}
 
     def _gradient_norm(self) -> torch.Tensor:
         """The global gradient norm (a device tensor; unscaled first under fp16), clipped to `optim.grad_clip`."""
