@@ -280,3 +280,21 @@ def test_unreadable_cifar_file_is_named(tmp_path):
         (folder / name).write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="meta"):
         build_data("cifar100", str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kd", "dkd", "reviewkd"])
+def test_plusplus_methods_train_under_ddp(digits_teacher, tmp_path, method):
+    """KD++, DKD++ and ReviewKD++ (the dino-loss on) for a few steps on 2 gloo processes under torchrun."""
+    config = _student_config(tmp_path, digits_teacher, tmp_path / "centers")
+    raw = yaml.safe_load(config.read_text())
+    raw["base"] = [raw["base"], str(REPO / "configs" / "cls" / "methods" / f"{method}.yaml")]
+    raw["train"] |= {"epochs": 1, "batch_size": 16}
+    config.write_text(yaml.safe_dump(raw))
+    assert clipkd("cls", "centers", str(config)).returncode == 0
+    result = torchrun_cli(2, "cls", "train", str(config))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == method and summary["dino_weight"] == 1.0
+    assert summary["processes"] == 2 and summary["steps"] == 4  # 128 images / 2 processes / 16 per batch
+    assert "loss_dino" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
