@@ -207,7 +207,7 @@ class Trainer:
         cfg, pos = self.config, self.position
         accum = cfg.optim.accum_steps
         total = self.steps_per_epoch * accum
-        batches = iter(self.data.epoch_batches(pos.epoch, skip_batches=pos.batch, cursors=self.cursors))
+        batches = self.data.epoch_batches(pos.epoch, skip_batches=pos.batch, cursors=self.cursors)
         progress = tqdm(total=total, initial=pos.batch, disable=not self.dist.is_main,
                         desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}", unit="batch", dynamic_ncols=True)
         window = {"start": time.perf_counter(), "samples": 0, "waited": 0.0}
@@ -236,6 +236,7 @@ class Trainer:
                                                f"saved {latest}")
         finally:
             progress.close()  # also on an error, so that its message starts a line of its own
+            batches.close()  # its loader workers stop now, not whenever the generator is collected
         self.optimizer.zero_grad(set_to_none=True)
 
     def _fetch(self, batches: Iterator[dict], count: int, window: dict) -> list[dict]:
