@@ -97,12 +97,18 @@ def resolve(name: str, pretrained: str | None = None, download: bool = True) -> 
                       f"{', '.join(tags) or 'it has none'})")
 
 
-def _resolve_local_dir(name: str, pretrained: str | None) -> Resolved:
-    folder = Path(name[len(LOCAL_DIR_PREFIX):])
+def model_folder(name: str, prefix: str, marker: str, what: str, pretrained: str | None) -> Path:
+    """The folder of a `PREFIX:DIR` model name: it holds its own weights (no `pretrained`) and a `marker` file."""
+    folder = Path(name[len(prefix):])
     if pretrained:
         raise ConfigError(f"{name} holds its own weights: give no pretrained (got {pretrained!r})")
-    if not (folder / "open_clip_config.json").is_file():
-        raise ConfigError(f"{name}: not an open_clip model folder ({folder / 'open_clip_config.json'} not found)")
+    if not (folder / marker).is_file():
+        raise ConfigError(f"{name}: not {what} ({folder / marker} not found)")
+    return folder
+
+
+def _resolve_local_dir(name: str, pretrained: str | None) -> Resolved:
+    folder = model_folder(name, LOCAL_DIR_PREFIX, "open_clip_config.json", "an open_clip model folder", pretrained)
     file = _find_checkpoint_in_dir(folder)  # the file open_clip itself loads from the folder
     if file is None:
         raise ConfigError(f"{name}: no weights file in {folder} (*.safetensors, *.bin or *.pth)")

@@ -28,6 +28,7 @@ from clipkd_dino.models.factory import (
     image_normalisation,
     image_size,
     model_config,
+    model_folder,
     resolve,
 )
 
@@ -100,12 +101,7 @@ def _architecture(name: str | None, pretrained: str | None) -> str:
 
 
 def _hf_folder(name: str, pretrained: str | None) -> Path:
-    folder = Path(name[len(HF_PREFIX):])
-    if pretrained:
-        raise ConfigError(f"{name} holds its own weights: give no pretrained (got {pretrained!r})")
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{name}: not a saved transformers model ({folder / 'config.json'} not found)")
-    return folder
+    return model_folder(name, HF_PREFIX, "config.json", "a saved transformers model", pretrained)
 
 
 def _load_hf(folder: Path, device: torch.device) -> LoadedCLIP:
