@@ -118,7 +118,8 @@ def _settings(model: torch.nn.Module, name: str, tokenizer: SimpleTokenizer) -> 
     preprocess = model.visual.preprocess_cfg
     size, length, dim = image_size(model), model.context_length, model_config(name)["embed_dim"]
     tokenizer_settings = {
-        "name": "open_clip SimpleTokenizer: OpenAI CLIP's byte-level BPE (ftfy fix, whitespace clean, lower case)",
+        "name": "open_clip SimpleTokenizer: OpenAI CLIP's byte-level BPE after ftfy fix, HTML unescape, "
+                "whitespace clean, lower case",
         "bpe_vocabulary": Path(default_bpe()).name,
         "python": f"open_clip.tokenizer.SimpleTokenizer(context_length={length})",
         "context_length": length, "vocab_size": OPENCLIP_VOCAB_SIZE,
