@@ -67,8 +67,9 @@ from transformers import CLIPModel, CLIPProcessor
 model = CLIPModel.from_pretrained("{folder}")
 processor = CLIPProcessor.from_pretrained("{folder}")
 inputs = processor(text=["a photo of a cat"], images=image, return_tensors="pt", padding="max_length")
-image_features = model.get_image_features(pixel_values=inputs["pixel_values"])
-text_features = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+image_features = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+text_features = model.get_text_features(input_ids=inputs["input_ids"],
+                                        attention_mask=inputs["attention_mask"]).pooler_output
 ```
 
 The tokenizer is OpenAI CLIP's byte-level BPE, the ids of open_clip's `SimpleTokenizer` (open_clip pads with 0,
@@ -83,7 +84,9 @@ def hf_config(name: str) -> dict[str, Any]:
     """transformers `CLIPConfig` keyword arguments for open_clip architecture `name`; a UserError naming the first
     setting transformers' CLIPModel cannot hold."""
     config = model_config(name)
-    for key, value in _unmapped(config):
+    unmapped = next(_unmapped(config), None)
+    if unmapped:
+        key, value = unmapped
         why = f"{WHY[key]}, which CLIPModel cannot hold" if key in WHY else "CLIPModel has no such setting"
         raise UserError(f"{name} cannot be exported as a transformers CLIPModel: {key}={value!r} ({why})")
     bpe_tokenizer(name)
