@@ -5,9 +5,12 @@
 3. take the shipped toy teacher (assets/toy_teacher.pt) or, with --retrain-teacher, train it;
 4. the labelling pass: pseudo-labels, class means and a 2-view teacher-embedding cache over the students' shards;
 5. per seed, three students on the same data and steps: no teacher; CLIP-KD (task + CRD + ICL + FD); CLIP-KD +
-   dino-loss (both from the cache: no teacher forward while training);
-6. evaluate all four, measure feature norms and alignment with class-mean directions, write OUT/report.md, plots
-   and OUT/summary.json.
+   dino-loss (both from the cache: no teacher forward while training). The default student, toy-student-96, has
+   the teacher's embedding dim (as ViT-T/16 has ViT-B/16's 512): FD and the dino-loss act on its own embedding;
+   `--student toy-student` (64-dim) shows the projector case;
+6. evaluate all four, measure feature norms and alignment with class-mean directions, write OUT/report.md (with the
+   paired differences dino minus CLIP-KD, seed by seed, and their 95% t-interval), plots (loss terms per step,
+   evaluations, feature norms) and OUT/summary.json.
 
 `--smoke` runs every stage on tiny data (a first look, and CI).
 """
@@ -19,10 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipkd_dino.report import mean_sd
+from clipkd_dino.report import mean_sd, paired_summary, paired_table, paired_words
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_TEACHER = REPO / "assets" / "toy_teacher.pt"
+DEFAULT_STUDENT = "toy-student-96"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-margin", type=float, help="labelling: no pseudo-label below this margin (a "
                                                          "label-quality lever; see `clipkd label stats`)")
     parser.add_argument("--dino-weight", type=float, default=1.0, help="weight of the dino-loss (default: 1)")
+    parser.add_argument("--student", default=DEFAULT_STUDENT, help="the students' model (default: "
+                        f"{DEFAULT_STUDENT}, the teacher's embedding dim, no projectors; toy-student: 64-dim, FD "
+                        "and the dino-loss through projectors)")
     parser.add_argument("--epochs", type=int, help="student epochs (default: 2, 1 with --smoke)")
     parser.add_argument("--retrain-teacher", action="store_true", help="train the toy teacher instead of "
                         "using the shipped checkpoint (about 32 minutes on 2 cores)")
@@ -112,36 +119,62 @@ def get_teacher(args: argparse.Namespace, data: Path, out: Path) -> tuple[str, f
     return summary["checkpoint"], summary["wall_seconds"]
 
 
-def label(teacher: str, pool: Path, data: Path, scale: Scale, out: Path, args: argparse.Namespace) -> Path:
+def label(teacher: str, pool: Path, data: Path, scale: Scale, out: Path, min_margin: float | None,
+          device: str) -> Path:
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
     print("[demo] labelling pass: pseudo-labels, class means, a 2-view teacher-embedding cache")
     label_dataset(LabelSettings(
         teacher="toy-teacher", teacher_pretrained=teacher, concepts=str(pool), top_k=16,
         data=student_shards(data, scale.student_shards), out=str(out / "labels"),
-        templates=str(data / "val" / "zeroshot" / "templates.json"), min_margin=args.min_margin, cache_views=2,
-        crop_scale=[0.8, 1.0], device=args.device, workers=2))
+        templates=str(data / "val" / "zeroshot" / "templates.json"), min_margin=min_margin, cache_views=2,
+        crop_scale=[0.8, 1.0], device=device, workers=2))
     return out / "labels"
 
 
-def train_students(data: Path, scale: Scale, labels: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+@dataclass(frozen=True)
+class StudentPlan:
+    """What every student of a demo shares: the data, the labelling output, the schedule and the model."""
+    data: Path
+    scale: Scale
+    labels: Path
+    student: str = DEFAULT_STUDENT
+    epochs: int | None = None  # default: the scale's
+    dino_weight: float = 1.0
+    device: str = "auto"
+
+
+def run_name(name: str, seed: int) -> str:
+    return f"{name.replace(' ', '').replace('+', '_').lower()}_seed{seed}"
+
+
+def student_overrides(plan: StudentPlan, name: str, seed: int, run_dir: Path) -> list[str]:
+    """The overrides of configs/toy_distill.yaml for student `name` (a key of STUDENTS) at `seed`: the run is
+    `clipkd train configs/toy_distill.yaml OVERRIDES...`."""
+    scale = plan.scale
+    return [*toyworld_overrides(plan.data), f"data.train={student_shards(plan.data, scale.student_shards)}",
+            f"model.name={plan.student}", f"distill.cache={plan.labels}", f"distill.labels={plan.labels}",
+            f"distill.weights.dino={plan.dino_weight}", f"train.epochs={plan.epochs or scale.epochs}",
+            f"train.batch_size={scale.batch_size}", f"optim.warmup_steps={scale.warmup_steps}",
+            f"train.log_every_steps={min(20, scale.warmup_steps * 2)}", f"train.seed={seed}",
+            f"train.device={plan.device}", f"train.output_dir={run_dir}", *STUDENTS[name]]
+
+
+def train_students(plan: StudentPlan, out: Path, seeds: range, names: tuple[str, ...] = tuple(STUDENTS)
+                   ) -> list[dict]:
+    """Per seed, each student of `names` into OUT/students/NAME_seedK; a record per run."""
     from clipkd_dino.config import load_config
     from clipkd_dino.train.trainer import train
 
     runs = []
-    for seed in range(args.seeds):
-        for name, overrides in STUDENTS.items():
-            run_dir = out / "students" / f"{name.replace(' ', '').replace('+', '_').lower()}_seed{seed}"
-            print(f"[demo] student '{name}', seed {seed}")
-            summary = train(load_config(REPO / "configs" / "toy_distill.yaml", [
-                *toyworld_overrides(data), f"data.train={student_shards(data, scale.student_shards)}",
-                f"distill.cache={labels}", f"distill.labels={labels}",
-                f"distill.weights.dino={args.dino_weight}", f"train.epochs={args.epochs or scale.epochs}",
-                f"train.batch_size={scale.batch_size}", f"optim.warmup_steps={scale.warmup_steps}",
-                f"train.log_every_steps={min(20, scale.warmup_steps * 2)}", f"train.seed={seed}",
-                f"train.device={args.device}",
-                f"train.output_dir={run_dir}", *overrides]))
-            runs.append({"name": name, "seed": seed, "dir": str(run_dir), "summary": summary})
+    for seed in seeds:
+        for name in names:
+            run_dir = out / "students" / run_name(name, seed)
+            print(f"[demo] student '{name}' ({plan.student}), seed {seed}")
+            overrides = student_overrides(plan, name, seed, run_dir)
+            summary = train(load_config(REPO / "configs" / "toy_distill.yaml", overrides))
+            runs.append({"name": name, "seed": seed, "dir": str(run_dir), "model": plan.student,
+                         "summary": summary})
     return runs
 
 
@@ -150,8 +183,9 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     """Teacher and student features of the val images: norms, and alignment with the class-mean directions.
 
     Val images get the teacher's nearest concept as label (the same rule as the labelling pass). Each model's
-    alignment is the mean cosine of its features to its own class-mean direction; the dino student's projected
-    features are also measured against the teacher's class means (what its dino-loss optimises).
+    alignment is the mean cosine of its features to its own class-mean direction, and to the teacher's class-mean
+    direction (what the dino-loss pulls toward): its own features when it has the teacher's dim, else the dino
+    student's projected features only.
     """
     import torch
 
@@ -178,9 +212,11 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     result = {"teacher": {"norms": t_features.norm(dim=-1),
                           "cosine_own": class_mean_cosine(t_features, val_labels)}}
     for run in runs:
-        student = create_model("toy-student", run["summary"]["checkpoint"], device)
+        student = create_model(run["model"], run["summary"]["checkpoint"], device)
         features = encode_images(student, images, transform, device, num_workers=1)
         entry = {"norms": features.norm(dim=-1), "cosine_own": class_mean_cosine(features, val_labels)}
+        if features.shape[1] == t_features.shape[1]:
+            entry["cosine_teacher_means"] = class_mean_cosine(features, val_labels, labels.class_means)
         objective = load_checkpoint(Path(run["dir"]) / "checkpoints" / "latest.pt")["objective"]
         if "dino_projector.2.weight" in objective:
             projector = _dino_projector(objective).to(device).eval()
@@ -208,18 +244,34 @@ METRICS = (("any_caption", "i2t_R@1"), ("any_caption", "i2t_R@5"), ("any_caption
            ("any_caption", "t2i_R@5"), ("one_to_one", "i2t_R@1"), ("one_to_one", "t2i_R@1"))
 
 
-def comparison_table(teacher_metrics: dict, runs: list[dict]) -> str:
+def metric_values(metrics: dict) -> dict[str, float]:
+    """An evaluation's numbers the report compares: label -> value."""
+    return {f"{k} {p}": metrics["retrieval"][p][k] for p, k in METRICS} | {"zero-shot top-1":
+                                                                         metrics["zeroshot"]["top1"]}
+
+
+def paired_rows(runs: list[dict], treated: str, control: str) -> dict[str, tuple[list[float], list[float]]]:
+    """metric -> (treated's values, control's values) over the seeds both students ran, ordered by seed."""
+    by_seed = {(r["name"], r["seed"]): metric_values(r["summary"]["metrics"]) for r in runs}
+    seeds = sorted(seed for name, seed in by_seed if name == treated and (control, seed) in by_seed)
+    return {metric: ([by_seed[treated, s][metric] for s in seeds], [by_seed[control, s][metric] for s in seeds])
+            for metric in by_seed[treated, seeds[0]]} if seeds else {}
+
+
+def comparison_table(teacher_metrics: dict | None, runs: list[dict]) -> str:
+    """Mean ± sd per student name (in the runs' order), after the teacher's row when its metrics are given."""
     header = ["model", "runs", "train s"] + [f"{m} {p}" for p, m in METRICS] + ["zero-shot top-1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def row(name: str, metrics: list[dict], seconds: list[float] | None) -> str:
-        cells = [mean_sd([m["retrieval"][p][k] for m in metrics]) for p, k in METRICS]
-        cells.append(mean_sd([m["zeroshot"]["top1"] for m in metrics]))
+        values = [metric_values(m) for m in metrics]
+        cells = [mean_sd([v[label] for v in values]) for label in values[0]]
         shown = mean_sd(seconds).split(".")[0] if seconds else "shipped"
         return f"| {name} | {len(metrics)} | {shown} | " + " | ".join(cells) + " |"
 
-    lines.append(row("teacher (toy-teacher)", [teacher_metrics], None))
-    for name in STUDENTS:
+    if teacher_metrics:
+        lines.append(row("teacher (toy-teacher)", [teacher_metrics], None))
+    for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
         lines.append(row(f"student: {name}", [r["summary"]["metrics"] for r in mine],
                          [r["summary"]["wall_seconds"] for r in mine]))
@@ -227,19 +279,19 @@ def comparison_table(teacher_metrics: dict, runs: list[dict]) -> str:
 
 
 def geometry_table(geometry: dict) -> str:
-    lines = ["| model | mean ‖f‖ | cosine to own class-mean direction | dino-projected: mean ‖f‖ | "
-             "dino-projected: cosine to the teacher's class-mean direction |", "|---|---|---|---|---|"]
+    lines = ["| model | mean ‖f‖ | cosine to own class-mean direction | cosine to the teacher's class-mean "
+             "direction (through the dino projector when dims differ) | dino projector: mean ‖f‖ |",
+             "|---|---|---|---|---|"]
     groups: dict[str, list[dict]] = {}
     for name, entry in geometry.items():
         groups.setdefault(name.split("#")[0], []).append(entry)
     for name, entries in groups.items():
         cells = [mean_sd([float(e["norms"].mean()) for e in entries]),
                  mean_sd([e["cosine_own"] for e in entries])]
-        if "projected_norms" in entries[0]:
-            cells += [mean_sd([float(e["projected_norms"].mean()) for e in entries]),
-                      mean_sd([e["cosine_teacher_means"] for e in entries])]
-        else:
-            cells += ["", ""]
+        cells.append(mean_sd([e["cosine_teacher_means"] for e in entries])
+                     if "cosine_teacher_means" in entries[0] else "")
+        cells.append(mean_sd([float(e["projected_norms"].mean()) for e in entries])
+                     if "projected_norms" in entries[0] else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,19 +324,28 @@ def plot_norms(geometry: dict, path: Path) -> Path:
 def write_report(out: Path, context: dict) -> Path:
     stats, truth = context["label_stats"], context["label_stats"].get("ground_truth", {})
     seeds = context["seeds"]
-    noise = ("" if seeds > 1 else "\nOne seed per student: differences smaller than the seed spread of a multi-seed "
-             "run (`clipkd demo --seeds 3`, recorded in docs/benchmarks.md) are noise.\n")
     coverage_rows = "\n".join(f"| {100 * p['coverage']:.0f}% | {p['min_margin']:.4f} | {p['precision']:.1f}% |"
                               for p in truth.get("precision_vs_coverage", []))
     text = f"""# clipkd demo report
 
-Data: toyworld ({context['scale']}), students trained on {context['student_images']} images for
-{context['epochs']} epoch(s), {seeds} seed(s) per student; evaluated on {context['val_images']} val images
-(retrieval: 5 captions each; zero-shot: the single-object images, 16 kinds). Wall time {context['seconds']:.0f} s.
+Data: toyworld ({context['scale']}), students ({context['student']}, embedding dim {context['student_dim']}; the
+teacher's: {context['teacher_dim']}) trained on {context['student_images']} images for {context['epochs']} epoch(s),
+{seeds} seed(s) per student; evaluated on {context['val_images']} val images (retrieval: 5 captions each; zero-shot:
+the single-object images, 16 kinds). {context['projectors']} Wall time {context['seconds']:.0f} s.
 
 ## Results (Recall@K and top-1 in %; mean ± sd over seeds)
-{noise}
+
 {context['comparison']}
+
+## The dino-loss's effect: paired differences (CLIP-KD + dino minus CLIP-KD)
+
+Each seed trains both students with the same seed, hence the same initial weights, data order, cached teacher
+views and labels: the difference within a seed is the dino-loss's effect plus training noise. The interval is the
+95% t-interval over seeds: mean ± t(0.975, n-1) · sd / √n.
+
+{context['paired']}
+
+{context['paired_words']}
 
 Protocols: `any_caption` counts an image query right at K when any of its captions is in its top K (COCO/Flickr
 Karpathy style); `one_to_one` keeps each image's first caption only (as the public CLIP-KD code does).
@@ -310,12 +371,18 @@ of the objects). Keeping only the images of highest margin trades coverage for p
 
 {context['geometry']}
 
-The dino-loss pulls the student's (projected) feature toward its class-mean direction and its norm up to at least
-the teacher's: its effect shows in the last two columns.
+The dino-loss pulls the student's feature (through its projector when the dims differ) toward the teacher's
+class-mean direction and its norm up to at least the teacher's: its effect shows in the last two columns.
 
 ![feature norms](norms.png)
 
 ## Training curves
+
+Each loss term over the steps (weighted as trained; `loss` is their sum), from each run's `log.jsonl`:
+
+![loss terms](losses.png)
+
+Evaluations after each epoch:
 
 ![curves](curves.png)
 
@@ -336,7 +403,8 @@ def run(args: argparse.Namespace) -> int:
     from clipkd_dino.eval.evaluate import evaluate_model
     from clipkd_dino.files import write_json_atomic
     from clipkd_dino.models import create_model, get_tokenizer, image_transforms
-    from clipkd_dino.report import format_metrics, plot_eval_curves
+    from clipkd_dino.models.factory import model_config
+    from clipkd_dino.report import format_metrics, plot_eval_curves, plot_loss_curves
     from clipkd_dino.teacher.stats import format_stats, label_stats, plot_stats
 
     if args.seeds is not None and args.seeds < 1:
@@ -347,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
         run_cls_demo(Path(args.out or "runs/demo_cls"), args.seeds or 3, args.smoke, args.device)
         return 0
     args.seeds = args.seeds or 1
+    dims = {"student": model_config(args.student)["embed_dim"], "teacher": model_config("toy-teacher")["embed_dim"]}
     start = time.time()
     scale = SMOKE if args.smoke else FULL
     data = Path(args.data or ("data/toyworld_smoke" if args.smoke else "data/toyworld"))
@@ -359,18 +428,26 @@ def run(args: argparse.Namespace) -> int:
                                      retrieval=str(data / "val" / "retrieval.jsonl"),
                                      zeroshot=str(data / "val" / "zeroshot"), num_workers=1)
     print(format_metrics(teacher_metrics))
-    labels = label(teacher, pool, data, scale, out, args)
+    labels = label(teacher, pool, data, scale, out, args.min_margin, args.device)
     stats = label_stats(labels)
     plot_stats(labels, labels / "stats.png")
     print(format_stats(stats))
-    runs = train_students(data, scale, labels, out, args)
+    plan = StudentPlan(data, scale, labels, args.student, args.epochs, args.dino_weight, args.device)
+    runs = train_students(plan, out, range(args.seeds))
     geometry = analyse(teacher, labels, data, runs, args.device)
     curves = {f"{r['name']} (seed {r['seed']})": Path(r["dir"]) / "metrics.jsonl" for r in runs}
     plot_eval_curves(curves, out / "curves.png")
+    plot_loss_curves({label: path.with_name("log.jsonl") for label, path in curves.items()}, out / "losses.png")
     plot_norms(geometry, out / "norms.png")
     comparison = comparison_table(teacher_metrics, runs)
+    paired = paired_rows(runs, "CLIP-KD + dino", "CLIP-KD")
     context = {
         "scale": "smoke" if args.smoke else "full", "student_images": scale.student_shards * scale.shard_size,
+        "student": args.student, "student_dim": dims["student"], "teacher_dim": dims["teacher"],
+        "projectors": "Equal dims: FD and the dino-loss act on the student's own embedding, no projector."
+        if dims["student"] == dims["teacher"] else "The dims differ: FD (and ICL) go through a Linear projector, "
+        "the dino-loss through BatchNorm -> Dropout -> Linear.",
+        "paired": paired_table(paired, "CLIP-KD + dino", "CLIP-KD"), "paired_words": paired_words(paired),
         "epochs": args.epochs or scale.epochs, "seeds": args.seeds,
         "val_images": teacher_metrics["retrieval"]["num_images"], "seconds": time.time() - start,
         "comparison": comparison, "geometry": geometry_table(geometry), "label_stats": stats,
@@ -379,12 +456,13 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(out, context)
     write_json_atomic(out / "summary.json", {
         "teacher": {"checkpoint": teacher, "metrics": teacher_metrics},
+        "student_model": args.student, "paired": paired_summary(paired),
         "students": [{"name": r["name"], "seed": r["seed"], "dir": r["dir"], "train_seconds":
                       r["summary"]["wall_seconds"], "metrics": r["summary"]["metrics"]} for r in runs],
         "labels": stats, "pool": context["pool"], "seconds": round(context["seconds"], 1),
         "geometry": {name: {k: (float(v.mean()) if hasattr(v, "mean") else v) for k, v in entry.items()}
                      for name, entry in geometry.items()},
     })
-    print("\n" + comparison)
+    print("\n" + comparison + "\n\n" + context["paired"] + "\n" + context["paired_words"])
     print(f"\n[demo] report: {report}; TensorBoard: tensorboard --logdir {out}")
     return 0

@@ -1,31 +1,137 @@
-"""`clipkd demo --smoke`: every stage of the main job on tiny data, ending in a report with its tables and plots."""
+"""`clipkd demo`: every stage of the main job on tiny data (`--smoke`), ending in a report with its tables and
+plots; the paired statistics both demos report."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
+import torch
+
+from clipkd_dino.report import (interval_verdict, paired_difference, paired_table, paired_words, t_quantile,
+                                t_two_sided)
 from conftest import clipkd
 
 
-def test_smoke_demo_writes_the_report_and_plots(tmp_path):
-    result = clipkd("demo", "--smoke", "--data", str(tmp_path / "toyworld"), "--out", str(tmp_path / "demo"),
-                     "--device", "cpu")
+@pytest.mark.parametrize("df, expected", [
+    (1, math.tan(0.975 * math.pi - math.pi / 2)),  # Cauchy: F(t) = 1/2 + atan(t)/pi
+    (2, math.sqrt(2 * 0.95**2 / (1 - 0.95**2))),  # F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    (4, 2.7764451051977987),  # textbook tables (Fisher and Yates), to their 10 digits
+    (30, 2.0422724563012373),
+])
+def test_t_quantile_matches_closed_forms_and_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, rel=1e-9)
+
+
+def test_t_two_sided_is_the_integral_of_the_t_density():
+    for df in (3, 6, 7):
+        x = torch.linspace(-1.7, 1.7, 200_001, dtype=torch.float64)
+        density = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * \
+            (1 + x**2 / df) ** (-(df + 1) / 2)
+        assert t_two_sided(1.7, df) == pytest.approx(float(torch.trapezoid(density, x)), abs=1e-9)
+
+
+def test_paired_difference_and_its_interval():
+    paired = paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])  # diffs 1, 2, 3: mean 2, sd 1
+    half = t_quantile(0.975, 2) / math.sqrt(3)
+    assert paired["diffs"] == [1.0, 2.0, 3.0] and paired["mean"] == 2.0 and paired["sd"] == 1.0
+    assert (paired["low"], paired["high"]) == pytest.approx((2 - half, 2 + half))
+    assert interval_verdict(paired) == "includes 0"  # half = 2.48
+    assert interval_verdict(paired_difference([5.0, 5.1, 4.9, 5.0], [1.0, 1.0, 1.0, 1.0])) == "excludes 0 (higher)"
+    assert interval_verdict(paired_difference([1.0, 1.1], [3.0, 3.0])) == "excludes 0 (lower)"
+    one = paired_difference([2.0], [1.0])
+    assert one["low"] is None and interval_verdict(one) == "needs ≥ 2 seeds"
+    with pytest.raises(ValueError):
+        paired_difference([1.0, 2.0], [1.0])
+    table = paired_table({"top-1": ([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])}, "B", "A")
+    assert "| top-1 | 12.00 ± 1.00 | 10.00 ± 0.00 | +2.00 | [-0.48, +4.48] | +1.00, +2.00, +3.00 | includes 0 |" \
+        in table
+
+
+def test_paired_words_name_the_metrics_whose_interval_excludes_0():
+    rows = {"a": ([5.0, 5.1, 4.9], [1.0, 1.0, 1.0]), "b": ([1.0, 3.0, 2.0], [2.0, 2.0, 2.0])}
+    assert paired_words(rows) == ("Over 3 paired seeds the 95% interval excludes 0 for a (higher); the others "
+                                  "include 0 (no difference shown).")
+    assert paired_words({"b": rows["b"]}) == "Over 3 paired seeds every 95% interval includes 0: no difference shown."
+    assert paired_words({"b": ([1.0], [2.0])}).startswith("1 seed: a paired interval needs at least 2 seeds")
+
+
+def _report_and_summary(out):
+    return (out / "report.md").read_text(), json.loads((out / "summary.json").read_text())
+
+
+def _objective_keys(run_dir) -> set[str]:
+    return set(torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)["objective"])
+
+
+@pytest.mark.slow
+def test_smoke_demo_same_dim_student_over_two_seeds(tmp_path):
+    result = clipkd("demo", "--smoke", "--seeds", "2", "--data", str(tmp_path / "toyworld"), "--out",
+                    str(tmp_path / "demo"), "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "demo"
-    report = (out / "report.md").read_text()
+    report, summary = _report_and_summary(out)
     for row in ("teacher (toy-teacher)", "student: no teacher", "student: CLIP-KD |", "student: CLIP-KD + dino"):
         assert row in report
     assert "Against toyworld's ground truth" in report and "| coverage | min margin | precision |" in report
-    for plot in ("curves.png", "norms.png", "labels/stats.png"):
+    assert "toy-student-96, embedding dim 96; the\nteacher's: 96" in report and "no projector" in report
+    for plot in ("curves.png", "losses.png", "norms.png", "labels/stats.png"):
         assert (out / plot).read_bytes().startswith(b"\x89PNG"), plot
-    summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary["students"]] == ["no teacher", "CLIP-KD", "CLIP-KD + dino"]
+    assert [(s["name"], s["seed"]) for s in summary["students"]] == [
+        (name, seed) for seed in (0, 1) for name in ("no teacher", "CLIP-KD", "CLIP-KD + dino")]
     assert sorted(summary["pool"]) == sorted(json.loads((tmp_path / "toyworld" / "val" / "zeroshot" /
                                                          "classnames.json").read_text()))
+    # the paired table: dino minus CLIP-KD seed by seed, its interval, in words
+    by = {(s["name"], s["seed"]): s["metrics"]["zeroshot"]["top1"] for s in summary["students"]}
+    paired = summary["paired"]["zero-shot top-1"]
+    assert paired["diffs"] == pytest.approx([by["CLIP-KD + dino", s] - by["CLIP-KD", s] for s in (0, 1)])
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    row = next(line for line in report.splitlines() if line.startswith("| zero-shot top-1 |"))
+    assert f"[{paired['low']:+.2f}, {paired['high']:+.2f}]" in row and paired["verdict"] in row
+    assert "Over 2 paired seeds the 95% interval excludes 0 for" in report or \
+        "Over 2 paired seeds every 95% interval includes 0" in report
+    # equal dims: no FD projector, no dino projector; every distilled student measured in the teacher's space
+    dino_dir, kd_dir = out / "students" / "clip-kd_dino_seed0", out / "students" / "clip-kd_seed0"
+    assert not any(k.startswith(("project_", "dino_projector")) for k in _objective_keys(dino_dir))
     geometry = summary["geometry"]
-    assert "cosine_teacher_means" in geometry["CLIP-KD + dino#0"]
-    assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
-    dino_log = (out / "students" / "clip-kd_dino_seed0" / "log.jsonl").read_text().splitlines()
-    logs = [json.loads(line) for line in dino_log]
+    assert "cosine_teacher_means" in geometry["CLIP-KD + dino#0"] and "cosine_teacher_means" in geometry["CLIP-KD#0"]
+    assert "projected_norms" not in geometry["CLIP-KD + dino#0"]
+    logs = [json.loads(line) for line in (dino_dir / "log.jsonl").read_text().splitlines()]
     assert "loss_dino" in logs[-1] and "loss_dino" not in json.loads(
-        (out / "students" / "clip-kd_seed0" / "log.jsonl").read_text().splitlines()[-1])
+        (kd_dir / "log.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_smoke_demo_64_dim_student_goes_through_projectors(tmp_path):
+    result = clipkd("demo", "--smoke", "--student", "toy-student", "--data", str(tmp_path / "toyworld"), "--out",
+                    str(tmp_path / "demo"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report, summary = _report_and_summary(tmp_path / "demo")
+    assert "toy-student, embedding dim 64" in report and "BatchNorm -> Dropout -> Linear" in report
+    assert "1 seed: a paired interval needs at least 2 seeds" in report
+    assert summary["paired"]["zero-shot top-1"]["verdict"] == "needs ≥ 2 seeds"
+    keys = _objective_keys(tmp_path / "demo" / "students" / "clip-kd_dino_seed0")
+    assert {"project_image.weight", "dino_projector.2.weight"} <= keys
+    geometry = summary["geometry"]
+    assert {"projected_norms", "cosine_teacher_means"} <= set(geometry["CLIP-KD + dino#0"])
+    assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
+
+
+def test_unknown_student_stops_before_any_work(tmp_path):
+    result = clipkd("demo", "--smoke", "--student", "no-such-model", "--data", str(tmp_path / "toyworld"))
+    assert result.returncode == 2 and "no-such-model" in result.stderr
+    assert not (tmp_path / "toyworld").exists()
+
+
+@pytest.mark.slow
+def test_cls_demo_reports_kd_plus_plus_minus_kd_paired(tmp_path):
+    result = clipkd("demo", "--cls", "--smoke", "--seeds", "2", "--out", str(tmp_path / "demo"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report, summary = _report_and_summary(tmp_path / "demo")
+    top1 = {(s["name"], s["seed"]): s["last_top1"] for s in summary["students"]}
+    paired = summary["paired"]["val top-1 (%), last epoch"]
+    assert paired["diffs"] == pytest.approx([top1["KD++", s] - top1["KD", s] for s in (0, 1)])
+    assert paired["n"] == 2 and paired["low"] <= paired["mean"] <= paired["high"]
+    assert "| metric | KD++ | KD | paired diff, mean | 95% interval |" in report
+    assert "Over 2 paired seeds" in report
