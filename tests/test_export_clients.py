@@ -67,6 +67,7 @@ def _cosine(a: np.ndarray, b: torch.Tensor) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+@pytest.mark.slow
 def test_onnx_towers_match_torch_at_batch_1_and_3(exported, samples):
     folder = exported["onnx"]
     assert sorted(p.name for p in folder.iterdir()) == ["bpe_simple_vocab_16e6.txt.gz", "clip_onnx.json",
@@ -91,6 +92,7 @@ def test_onnx_towers_match_torch_at_batch_1_and_3(exported, samples):
             assert _cosine(theirs, ours[tower][:batch]).min() >= 0.9999, (tower, batch)
 
 
+@pytest.mark.slow
 def test_hf_toy_student_matches_open_clip(exported, samples):
     from transformers import CLIPModel, CLIPProcessor
 
@@ -113,6 +115,7 @@ def test_hf_toy_student_matches_open_clip(exported, samples):
     assert (image.pooler_output - ours_image).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_hf_vit_t16_matches_open_clip(tmp_path, samples):
     from transformers import CLIPModel
 
