@@ -1,11 +1,16 @@
 """Correctness on several processes: every recipe family trains under DDP (gloo, 2 processes), each rank draws its
-own random stream, `--resume auto`, a change of world size refused in one line."""
+own random stream, `--resume auto` (and torchrun's restart of a killed rank), a change of world size refused in one
+line."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,8 @@ from clipkd_dino.errors import ConfigError
 from clipkd_dino.train.checkpoint import resolve_resume
 from clipkd_dino.train.trainer import Trainer
 from test_syncs import label_dir_shards  # noqa: F401  (the fixture: labels and a 2-view cache of the shards)
-from test_train import write_config
+from conftest import REPO
+from test_train import read_log, write_config
 
 PROBE = Path(__file__).parent / "ddp_recipes_probe.py"
 
@@ -62,3 +68,47 @@ def test_a_checkpoint_of_another_world_size_is_refused_in_one_line(tmp_path, toy
     with pytest.raises(ConfigError, match=r"written by 8 processes and this run has 1: resume with 8") as error:
         Trainer(load_config(write_config(tmp_path, toyworld_dir)), resume="auto")
     assert "\n" not in str(error.value)
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """RANK -> pid of each worker process that the torchrun agent `agent` started."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0") if parent == agent else []
+        except (OSError, ValueError, IndexError):
+            continue
+        rank = [item[5:] for item in environ if item.startswith(b"RANK=")]
+        if rank:
+            workers[int(rank[0])] = int(entry.name)
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights(tmp_path, toyworld_dir):
+    config = write_config(tmp_path, toyworld_dir, train={"checkpoint_every_steps": 1})  # 480 pairs: 15 steps of 2 x 16
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train = ["-m", "clipkd_dino.cli", "train", str(config)]
+    reference = subprocess.run([*torchrun, *train, f"train.output_dir={tmp_path / 'reference'}"], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    log = tmp_path / "run" / "log.jsonl"
+    output = (tmp_path / "torchrun.txt").open("w+")
+    agent = subprocess.Popen([*torchrun, "--max-restarts", "1", *train, "--resume", "auto"], cwd=REPO,
+                             stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while agent.poll() is None and time.time() < deadline and \
+            not (log.exists() and len(log.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    os.kill(worker_pids(agent.pid)[1], signal.SIGKILL)
+    assert agent.wait(timeout=300) == 0
+    output.seek(0)
+    resumed_at = re.findall(r"resuming at step (\d+)", output.read())
+    assert len(resumed_at) == 1 and 4 <= int(resumed_at[0]) < 15, "the restarted group resumes from latest.pt"
+    assert read_log(tmp_path / "run")[-1]["step"] == 15
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, msg=name)

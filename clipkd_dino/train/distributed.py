@@ -35,9 +35,28 @@ def init_distributed(device_type: str) -> DistInfo:
     if world_size == 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        store = _restart_store()
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size)
     return DistInfo(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                     world_size=dist.get_world_size())
+
+
+def _restart_store() -> dist.Store | None:
+    """torchrun's store, seen under a prefix of its own for each restart of the worker group; None outside torchrun.
+
+    torchrun's workers share its agent's store across restarts, and `init_process_group` names its keys the same
+    way every time: restarted workers could read the addresses the killed ones published and wait for them (seen
+    with torch 2.14 and gloo: the restarted group hung in `init_process_group` about one restart in two).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dist.PrefixStore(f"clipkd/attempt_{attempt}", store)
 
 
 def init_process(device_name: str) -> tuple[torch.device, DistInfo]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -420,6 +421,9 @@ class Trainer:
             set_random_state(state["rng"][self.dist.rank], self.device)
             self.cursors = state["data_cursors"][self.dist.rank]
         self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
+        if self.dist.is_main:
+            print(f"resuming at step {self.position.step} (epoch {self.position.epoch + 1}, batch "
+                  f"{self.position.batch})", file=sys.stderr, flush=True)
 
 
 def train(config: Config, resume: str | None = None) -> dict[str, Any]:
