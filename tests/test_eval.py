@@ -129,7 +129,8 @@ def test_zeroshot_accuracy_by_hand():
         ]
     )
     result = zeroshot_accuracy(7 * features, [0, 5, 1, 0], torch.eye(6))
-    assert result == {"top1": 25.0, "top5": 50.0, "num_samples": 4}
+    # per class: class 0 one of its two, classes 1 and 5 none of theirs (classes without samples do not count)
+    assert result == {"top1": 25.0, "top5": 50.0, "mean_per_class_recall": pytest.approx(100 / 6), "num_samples": 4}
     two_classes = zeroshot_accuracy(torch.tensor([[0.0, 1.0]]), [0], torch.eye(2))
     assert two_classes["top1"] == 0 and two_classes["top5"] == 100  # top-5 capped at the 2 classes
 

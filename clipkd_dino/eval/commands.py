@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "default for image folders: OpenAI's 80 ImageNet templates)")
     run_options = parser.add_argument_group("run")
     run_options.add_argument("--out", metavar="FILE", help="metrics JSON to write (and FILE.md with the table)")
+    run_options.add_argument("--clip-benchmark", metavar="DIR", help="also write the results in LAION "
+                             "CLIP_benchmark's layout, a JSON per task in DIR (for `clip_benchmark build`)")
     run_options.add_argument("--skip-bad", action="store_true", help="skip missing, empty or corrupt images (with "
                              "their captions), images without captions, captions that are not UTF-8 and broken "
                              "shards, counted per reason in the JSON; default: the first is an error")
@@ -73,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from clipkd_dino.data.faults import format_skipped
+    from clipkd_dino.eval.clip_benchmark import (
+        benchmark_results,
+        retrieval_dataset_name,
+        write_benchmark_results,
+        zeroshot_dataset_name,
+    )
     from clipkd_dino.errors import UserError
     from clipkd_dino.eval.cache import default_cache_dir
     from clipkd_dino.eval.evaluate import evaluate_model
@@ -135,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
             if part in metrics:
                 print(f"{part}: {format_skipped(metrics[part]['skipped'])}")
     print(f"wrote {out} and {out.with_suffix('.md')}")
+    if args.clip_benchmark:
+        results = benchmark_results(report, retrieval_dataset_name(args.karpathy, args.pairs or args.retrieval),
+                                    zeroshot_dataset_name(args.zeroshot, len(zeroshot.classnames) if zeroshot else 0))
+        for path in write_benchmark_results(results, args.clip_benchmark):
+            print(f"wrote {path}")
     return 0
 
 

@@ -107,8 +107,8 @@ def evaluate_model(
     with `max_bad_fraction`, a data set of which more than that fraction was skipped (by its readers or here) is a
     TooManyBadSamples error. Returns {"retrieval": {"file", "format", "digest", "any_caption": {...},
     "one_to_one": {...}, "num_images", "num_captions", "skipped_images", "skipped_captions", "skipped_files",
-    "skipped"}, "zeroshot": {"dir", "digest", "top1", "top5", "num_samples", "num_classes", "num_templates",
-    "skipped_images", "skipped_files", "skipped"}}, counts after skipping, "skipped" the faults skipped per reason
+    "skipped"}, "zeroshot": {"dir", "digest", "top1", "top5", "mean_per_class_recall", "num_samples", "num_classes",
+    "num_templates", "skipped_images", "skipped_files", "skipped"}}, counts after skipping, "skipped" the faults skipped per reason
     (docs/reliability.md), the digests those of the data actually scored.
     """
     check_max_bad_fraction(max_bad_fraction, "--max-bad-fraction")

@@ -97,7 +97,8 @@ def classifier_from_features(prompt_features: torch.Tensor, num_classes: int) ->
 def zeroshot_accuracy(
     image_features: torch.Tensor, labels: Sequence[int] | torch.Tensor, classifier: torch.Tensor
 ) -> dict[str, float | int]:
-    """Top-1 and top-5 accuracy in percent (top-5 = top-C when there are C < 5 classes) and the sample count.
+    """Top-1 and top-5 accuracy in percent (top-5 = top-C when there are C < 5 classes), the mean over classes of
+    each class's top-1 recall (balanced accuracy, in percent, over the classes that have samples) and the sample count.
 
     image_features [N, D] (normalised here), labels [N], classifier [D, C] from `zeroshot_classifier`.
     """
@@ -107,9 +108,12 @@ def zeroshot_accuracy(
     wrong = torch.ones_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], False)
     ranks = ((logits >= true) & wrong).sum(dim=1)
     top5 = min(5, classifier.shape[1])
+    per_class = torch.zeros(classifier.shape[1]).index_add_(0, labels, (ranks < 1).float())
+    counts = torch.bincount(labels, minlength=classifier.shape[1])
     return {
         "top1": 100.0 * int((ranks < 1).sum()) / len(labels),
         "top5": 100.0 * int((ranks < top5).sum()) / len(labels),
+        "mean_per_class_recall": 100.0 * (per_class[counts > 0] / counts[counts > 0]).mean().item(),
         "num_samples": len(labels),
     }
 

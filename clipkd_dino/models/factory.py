@@ -11,8 +11,11 @@ tag (its file from the Hugging Face cache, where open_clip's own resolution find
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import pickle
+import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -45,9 +48,50 @@ def available_models() -> list[str]:
     return open_clip.list_models()
 
 
+def architecture_name(name: str) -> str:
+    """The name open_clip builds architecture `name` by: an open_clip model config file (`DIR/NAME.json`) is
+    registered as NAME (refused in one line when open_clip knows another NAME); any other name as is (`local-dir:DIR`
+    included: open_clip reads its folder)."""
+    if not (name.endswith(".json") and not name.startswith(LOCAL_DIR_PREFIX)):
+        return name
+    file = Path(name)
+    config = _read_json(file, name)
+    if open_clip.get_model_config(file.stem) not in (None, config):
+        raise ConfigError(f"{name}: open_clip already knows another architecture named {file.stem!r}: rename the file")
+    return register_config(file.stem, config, name)
+
+
+def register_config(name: str, config: dict, source: str) -> str:
+    """Register architecture `config` with open_clip as `name`, or as `name-DIGEST` when open_clip knows another
+    `name`; returns the name it is registered as."""
+    if not all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ConfigError(f"{source}: not an open_clip model config (it needs embed_dim, vision_cfg and text_cfg)")
+    known = open_clip.get_model_config(name)
+    if known == config:
+        return name
+    if known is not None:
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        return register_config(f"{name}-{digest}", config, source)
+    folder = Path(tempfile.mkdtemp(prefix="clipkd-configs-"))
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder)
+    return name
+
+
+def _read_json(file: Path, what: str) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{what}: cannot read {file}: {load_error_reason(error)}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what}: {file} is not a JSON object")
+    return value
+
+
 def model_config(name: str) -> dict:
-    """The architecture config of `name`; ConfigError when open_clip does not know it."""
-    config = open_clip.get_model_config(name)
+    """The architecture config of `name` (as `architecture_name` takes it); ConfigError when open_clip does not know
+    it."""
+    config = open_clip.get_model_config(architecture_name(name))
     if config is None:
         raise ConfigError(
             f"unknown model name {name!r}: use an open_clip architecture or a config in {MODEL_CONFIG_DIR} "
@@ -83,6 +127,7 @@ def resolve(name: str, pretrained: str | None = None, download: bool = True) -> 
     """
     if name.startswith(LOCAL_DIR_PREFIX):
         return _resolve_local_dir(name, pretrained)
+    name = architecture_name(name)
     config = model_config(name)
     if not pretrained:
         return Resolved(name, None, None)
@@ -206,7 +251,7 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
     """An open_clip CLIP model in fp32 on `device`; `name` and `pretrained` (a local file, an open_clip tag or
     None) as in `resolve`."""
     resolved = resolve(name, pretrained)
-    if resolved.name != name:
+    if resolved.name != architecture_name(name):
         log.warning("%s pretrained=%r builds %s (its weights were trained with QuickGELU): name the model %s so "
                     "that its checkpoints load right", name, pretrained, resolved.name, resolved.name)
     return build(resolved, device)[0]
@@ -214,6 +259,7 @@ def create_model(name: str, pretrained: str | None = None, device: str | torch.d
 
 def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer that matches the text tower of model `name`."""
+    name = architecture_name(name)
     text_cfg = model_config(name)["text_cfg"]
     vocab_size = text_cfg.get("vocab_size", OPENCLIP_VOCAB_SIZE)
     if vocab_size == OPENCLIP_VOCAB_SIZE or "hf_tokenizer_name" in text_cfg:
@@ -277,4 +323,9 @@ def checkpoint_model_name(path: str | Path) -> str:
     name = checkpoint.get("model_name") if isinstance(checkpoint, dict) else None
     if not isinstance(name, str):
         raise ConfigError(f"{path} does not name its architecture (no 'model_name'): give the model name too")
+    config = checkpoint.get("model_config")
+    if isinstance(config, dict) and (name.startswith(LOCAL_DIR_PREFIX) or open_clip.get_model_config(name) != config):
+        # trained from a config file or a local-dir: folder, or under a name that now means another architecture
+        base = Path(name[len(LOCAL_DIR_PREFIX):] if name.startswith(LOCAL_DIR_PREFIX) else name)
+        return register_config(base.stem if base.suffix == ".json" else base.name, config, str(path))
     return name

@@ -36,7 +36,7 @@ from clipkd_dino.eval.evaluate import evaluate_model
 from clipkd_dino.eval.retrieval import read_retrieval_file
 from clipkd_dino.eval.zeroshot import read_zeroshot_dir
 from clipkd_dino.files import write_json_atomic
-from clipkd_dino.models import create_model, get_tokenizer, image_transforms
+from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
@@ -378,6 +378,7 @@ class Trainer:
         payload: dict[str, Any] = {
             "state_dict": self.model.state_dict(),
             "model_name": self.config.model.name,
+            "model_config": model_config(self.config.model.name),  # what a config file or local-dir: said
             "epoch": self.position.epoch,
             "batch_in_epoch": self.position.batch,
             "step": self.position.step,
