@@ -1,6 +1,6 @@
 """Latency of a CLIP model's image and text towers on the CPU: torch eager against the ONNX export in onnxruntime.
 
-    python benchmarks/export_speed.py [--model ViT-T-16] [--batches 1 32] [--repeats 20 5]
+    python benchmarks/export_speed.py [--model ViT-T-16] [--batches 1 32] [--repeats 20 5] [--threads N]
 
 The model is randomly initialised (weights do not change the compute); the towers are exported by
 `clipkd_dino.models.onnx_export.export_onnx` (which checks onnxruntime's features against torch's). Both backends
@@ -44,7 +44,10 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-T-16")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", nargs="+", type=int, default=[20, 5], help="timed runs per batch size")
+    parser.add_argument("--threads", type=int, help="threads of both backends (default: torch's, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     model = create_model(args.model).eval()
@@ -66,9 +69,9 @@ def main() -> None:
         onnx = [median_ms(lambda: sessions[tower].run(None, {tower.input: inputs[tower][:batch].numpy()}), repeats)
                 for tower, batch, repeats in cells]
     cosine = min(min(tower["min_cosine"].values()) for tower in check.values())
-    print(f"{args.model}, {platform.machine()} {platform.processor() or 'cpu'}, {threads} threads for both; torch "
-          f"{torch.__version__}, onnxruntime {onnxruntime.__version__}; export {export_seconds:.1f} s; lowest cosine "
-          f"onnxruntime vs torch {cosine:.7f}")
+    print(f"{args.model}, {platform.machine()} {platform.processor() or 'cpu'}, {threads} thread(s) for both; "
+          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}; export {export_seconds:.1f} s; lowest "
+          f"cosine onnxruntime vs torch {cosine:.7f}")
     print("| tower | batch | torch eager ms | onnxruntime ms | speed-up | onnxruntime items/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for (tower, batch, _), torch_ms, onnx_ms in zip(cells, eager, onnx):
