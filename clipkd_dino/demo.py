@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipkd_dino.report import mean_sd, paired_summary, paired_table, paired_words
+from clipkd_dino.shipped import ASSETS, CONFIGS
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_TEACHER = REPO / "assets" / "toy_teacher.pt"
+SHIPPED_TEACHER = ASSETS / "toy_teacher.pt"
 DEFAULT_STUDENT = "toy-student-96"
 
 
@@ -113,7 +113,7 @@ def get_teacher(args: argparse.Namespace, data: Path, out: Path) -> tuple[str, f
     if not args.retrain_teacher and SHIPPED_TEACHER.is_file():
         return str(SHIPPED_TEACHER), None
     print("[demo] training the toy teacher")
-    summary = train(load_config(REPO / "configs" / "toy_teacher.yaml",
+    summary = train(load_config(CONFIGS / "toy_teacher.yaml",
                                 [*toyworld_overrides(data), f"train.device={args.device}",
                                  f"train.output_dir={out / 'teacher'}"]))
     return summary["checkpoint"], summary["wall_seconds"]
@@ -142,6 +142,7 @@ class StudentPlan:
     epochs: int | None = None  # default: the scale's
     dino_weight: float = 1.0
     device: str = "auto"
+    teacher: str = str(SHIPPED_TEACHER)  # the checkpoint the labels and cache were made with
 
 
 def run_name(name: str, seed: int) -> str:
@@ -153,7 +154,8 @@ def student_overrides(plan: StudentPlan, name: str, seed: int, run_dir: Path) ->
     `clipkd train configs/toy_distill.yaml OVERRIDES...`."""
     scale = plan.scale
     return [*toyworld_overrides(plan.data), f"data.train={student_shards(plan.data, scale.student_shards)}",
-            f"model.name={plan.student}", f"distill.cache={plan.labels}", f"distill.labels={plan.labels}",
+            f"model.name={plan.student}", f"distill.teacher_pretrained={plan.teacher}",
+            f"distill.cache={plan.labels}", f"distill.labels={plan.labels}",
             f"distill.weights.dino={plan.dino_weight}", f"train.epochs={plan.epochs or scale.epochs}",
             f"train.batch_size={scale.batch_size}", f"optim.warmup_steps={scale.warmup_steps}",
             f"train.log_every_steps={min(20, scale.warmup_steps * 2)}", f"train.seed={seed}",
@@ -172,7 +174,7 @@ def train_students(plan: StudentPlan, out: Path, seeds: range, names: tuple[str,
             run_dir = out / "students" / run_name(name, seed)
             print(f"[demo] student '{name}' ({plan.student}), seed {seed}")
             overrides = student_overrides(plan, name, seed, run_dir)
-            summary = train(load_config(REPO / "configs" / "toy_distill.yaml", overrides))
+            summary = train(load_config(CONFIGS / "toy_distill.yaml", overrides))
             runs.append({"name": name, "seed": seed, "dir": str(run_dir), "model": plan.student,
                          "summary": summary})
     return runs
@@ -432,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
     stats = label_stats(labels)
     plot_stats(labels, labels / "stats.png")
     print(format_stats(stats))
-    plan = StudentPlan(data, scale, labels, args.student, args.epochs, args.dino_weight, args.device)
+    plan = StudentPlan(data, scale, labels, args.student, args.epochs, args.dino_weight, args.device, teacher)
     runs = train_students(plan, out, range(args.seeds))
     geometry = analyse(teacher, labels, data, runs, args.device)
     curves = {f"{r['name']} (seed {r['seed']})": Path(r["dir"]) / "metrics.jsonl" for r in runs}

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from clipkd_dino.report import mean_sd, paired_summary, paired_table, paired_words
+from clipkd_dino.shipped import CONFIGS as SHIPPED_CONFIGS
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs" / "cls" / "digits"
+CONFIGS = SHIPPED_CONFIGS / "cls" / "digits"
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,10 @@ from clipkd_dino.teacher import labels as label_files
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, SparseSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
 from clipkd_dino.runtime import init_data_worker
+from clipkd_dino.shipped import CONCEPTS
 from clipkd_dino.train.guard import StopSignals
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEMPLATES = REPO / "concepts" / "prompts.json"
+DEFAULT_TEMPLATES = CONCEPTS / "prompts.json"
 PARTS_DIR = "parts"
 WAIT_POLL_SECONDS = 2.0  # rank 0 looks for the other ranks' parts this often
 MERGE_CHUNK = 1 << 20  # rows per chunk when the merge renumbers labels

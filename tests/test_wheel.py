@@ -1,0 +1,75 @@
+"""The package as users install it: a wheel built from the checkout, installed into a fresh environment (its
+dependencies taken from this one's site-packages), and the commands run from an empty folder, away from the
+checkout: labelling with the shipped prompt templates, the demo, evaluation and export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+CHECKOUT_ONLY = {".git", ".venv", "runs", "data", "build", "tests", "benchmarks", ".pytest_cache"}  # top level
+
+
+def _run(command: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-1500:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The bin/ folder of a new environment with the wheel installed."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=lambda folder, names: [
+        name for name in names if (Path(folder) == REPO and name in CHECKOUT_ONLY) or name.endswith(".egg-info")])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", work / "dist",
+          source], work)
+    (wheel,) = (work / "dist").glob("clipkd_dino-*.whl")
+    environment = work / "env"
+    _run([sys.executable, "-m", "venv", "--without-pip", environment], work)
+    site = Path(sysconfig.get_path("purelib", vars={"base": environment, "platbase": environment}))
+    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")  # after the wheel's own files
+    _run([sys.executable, "-m", "pip", "--python", environment / "bin" / "python", "install", "--no-deps",
+          "--no-index", "-q", wheel], work)
+    return environment / "bin"
+
+
+def test_the_wheel_carries_what_the_commands_read_at_run_time(installed, tmp_path, toyworld_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    where = _run([installed / "python", "-c", "import clipkd_dino, clipkd_dino.shipped as s; "
+                  "print(clipkd_dino.__file__); print(s.ASSETS / 'toy_teacher.pt')"], empty).stdout.split()
+    assert not where[0].startswith(str(REPO)), "the installed package, not the checkout's"
+    teacher = Path(where[1])
+    assert teacher.is_file() and not teacher.is_symlink() and not str(teacher.resolve()).startswith(str(REPO))
+    clipkd = installed / "clipkd"
+
+    pool = empty / "pool.json"
+    pool.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
+                                "concepts": [{"concept": kind, "count": 1} for kind in ("circle", "star", "moon")]}))
+    _run([clipkd, "label", "--teacher", "toy-teacher", "--teacher-pretrained", teacher, "--concepts", pool,
+          "--data", toyworld_dir / "train" / "shards", "--out", "labels", "--workers", "0", "--device", "cpu"], empty)
+    shipped_templates = json.loads((REPO / "concepts" / "prompts.json").read_text())["templates"]
+    assert json.loads((empty / "labels" / "class_means.json").read_text())["templates"] == shipped_templates
+
+    _run([clipkd, "export", teacher, "--out", "student"], empty)
+    _run([clipkd, "eval", "--model", "local-dir:student", "--retrieval", toyworld_dir / "val" / "retrieval.jsonl",
+          "--out", "eval.json", "--no-cache", "--workers", "0"], empty)
+    assert json.loads((empty / "eval.json").read_text())["retrieval"]["any_caption"]["i2t_R@10"] > 0
+
+    _run([clipkd, "demo", "--smoke", "--device", "cpu"], empty, timeout=900)
+    assert "student: CLIP-KD + dino" in (empty / "runs" / "demo" / "report.md").read_text()
+    # the classification demo's recipes (its training is tested in test_demo.py)
+    _run([installed / "python", "-c", "from clipkd_dino.cls.config import load_cls_config; "
+          "from clipkd_dino.cls.demo import CONFIGS; "
+          "[load_cls_config(CONFIGS / name, []) for name in ('teacher.yaml', 'student.yaml')]"], empty)
