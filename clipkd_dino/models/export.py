@@ -59,7 +59,8 @@ def export_targets(checkpoint: str | Path, name: str | None = None, *, out: str 
     and text towers, checked in onnxruntime), `hf` (transformers CLIPModel, checked against open_clip).
 
     Every folder must be new or empty and the folders distinct; an architecture transformers cannot hold, or a
-    tokenizer other than open_clip's BPE for ONNX or transformers, is refused before any weights are read. Returns {target: folder} for the targets given.
+    tokenizer other than open_clip's BPE for ONNX or transformers, is refused before any weights are read. Returns
+    {target: folder} for the targets given.
     """
     from clipkd_dino.models.hf_export import export_hf, hf_config
     from clipkd_dino.models.onnx_export import export_onnx
