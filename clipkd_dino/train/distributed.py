@@ -46,14 +46,15 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def _restart_store() -> dist.Store | None:
-    """torchrun's store, seen under a prefix of its own for each restart of the worker group; None outside torchrun.
+    """torchrun's store, seen under a prefix of its own for a restarted worker group; None outside torchrun and for
+    its first group (which `init_process_group` joins as usual).
 
     torchrun's workers share its agent's store across restarts, and `init_process_group` names its keys the same
     way every time: restarted workers could read the addresses the killed ones published and wait for them (seen
     with torch 2.14 and gloo: the restarted group hung in `init_process_group` about one restart in two).
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":
         return None
     store, _, _ = next(dist.rendezvous("env://"))
     return dist.PrefixStore(f"clipkd/attempt_{attempt}", store)
