@@ -374,7 +374,8 @@ of the objects). Keeping only the images of highest margin trades coverage for p
 {context['geometry']}
 
 The dino-loss pulls the student's feature (through its projector when the dims differ) toward the teacher's
-class-mean direction and its norm up to at least the teacher's: its effect shows in the last two columns.
+class-mean direction and its norm up to at least the teacher's: its effect shows in the norm column (the projector's
+when there is one) and in the cosine to the teacher's class-mean direction.
 
 ![feature norms](norms.png)
 
