@@ -1,6 +1,7 @@
 """The package as users install it: a wheel built from the checkout, installed into a fresh environment (its
 dependencies taken from this one's site-packages), and the commands run from an empty folder, away from the
-checkout: labelling with the shipped prompt templates, the demo, evaluation and export."""
+checkout: labelling with the shipped prompt templates, export, evaluation and the demo (with the 64-dim student:
+the projector case)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -67,8 +69,19 @@ def test_the_wheel_carries_what_the_commands_read_at_run_time(installed, tmp_pat
           "--out", "eval.json", "--no-cache", "--workers", "0"], empty)
     assert json.loads((empty / "eval.json").read_text())["retrieval"]["any_caption"]["i2t_R@10"] > 0
 
-    _run([clipkd, "demo", "--smoke", "--device", "cpu"], empty, timeout=900)
-    assert "student: CLIP-KD + dino" in (empty / "runs" / "demo" / "report.md").read_text()
+    # the demo with the 64-dim student (the projector case; the same-dim default is tested in test_demo.py)
+    _run([clipkd, "demo", "--smoke", "--student", "toy-student", "--device", "cpu"], empty, timeout=900)
+    demo = empty / "runs" / "demo"
+    report, summary = (demo / "report.md").read_text(), json.loads((demo / "summary.json").read_text())
+    assert "toy-student, embedding dim 64" in report and "BatchNorm -> Dropout -> Linear" in report
+    assert "1 seed: a paired interval needs at least 2 seeds" in report
+    assert summary["paired"]["zero-shot top-1"]["verdict"] == "needs ≥ 2 seeds"
+    latest = demo / "students" / "clip-kd_dino_seed0" / "checkpoints" / "latest.pt"
+    objective = torch.load(latest, weights_only=True)["objective"]
+    assert {"project_image.weight", "dino_projector.2.weight"} <= set(objective)
+    geometry = summary["geometry"]
+    assert {"projected_norms", "cosine_teacher_means"} <= set(geometry["CLIP-KD + dino#0"])
+    assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
     # the classification demo's recipes (its training is tested in test_demo.py)
     _run([installed / "python", "-c", "from clipkd_dino.cls.config import load_cls_config; "
           "from clipkd_dino.cls.demo import CONFIGS; "
