@@ -7,6 +7,7 @@ time (so `clipkd --help` stays fast) and registers itself with `register(subpars
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -47,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clipkd {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Free what reference cycles still hold (a trainer's process group among it) while the interpreter is
+        # whole: gloo objects destroyed during interpreter shutdown can abort the process (SIGABRT, "terminate
+        # called without an active exception"), seen rarely at the end of 2-process runs.
+        gc.collect()
     return int(result or 0)
 
 
