@@ -111,6 +111,7 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.model = create_model(config.model.name, config.model.pretrained, device)
         self.tokenizer = get_tokenizer(config.model.name)
+        self.architecture = model_config(config.model.name)  # what a config file or local-dir: said, for checkpoints
         train_transform, self.eval_transform = image_transforms(
             self.model, config.data.augment, tuple(config.data.crop_scale)
         )
@@ -378,7 +379,7 @@ class Trainer:
         payload: dict[str, Any] = {
             "state_dict": self.model.state_dict(),
             "model_name": self.config.model.name,
-            "model_config": model_config(self.config.model.name),  # what a config file or local-dir: said
+            "model_config": self.architecture,
             "epoch": self.position.epoch,
             "batch_in_epoch": self.position.batch,
             "step": self.position.step,
