@@ -221,7 +221,10 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.as_rank:
-        return rank_main(args)
+        from clipkd_dino.train.distributed import finish_process
+
+        rank_main(args)
+        sys.exit(finish_process(0))
     if args.reader:
         return reader_main(args)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python "

@@ -38,22 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = args.func(args)
+        code = int(args.func(args) or 0)
     except UserError as error:
         print(f"clipkd {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except RunStopped as stop:
         print(f"clipkd {args.command}: {stop}", file=sys.stderr)
-        return stop.code
+        code = stop.code
     except KeyboardInterrupt:
         print(f"clipkd {args.command}: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        # Free what reference cycles still hold (a trainer's process group among it) while the interpreter is
-        # whole: gloo objects destroyed during interpreter shutdown can abort the process (SIGABRT, "terminate
-        # called without an active exception"), seen rarely at the end of 2-process runs.
-        gc.collect()
-    return int(result or 0)
+        code = 130
+    gc.collect()  # loaders and their worker processes, freed while the interpreter is whole
+    from clipkd_dino.train.distributed import finish_process
+
+    return finish_process(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ import yaml
 
 import clipkd_dino.train.trainer as trainer_module
 from clipkd_dino.config import load_config
+from clipkd_dino.train.distributed import finish_process, shutdown_distributed
 from clipkd_dino.train.trainer import Trainer
 
 NO_TERMS = {"task": 0.0, "crd": 0.0, "icl": 0.0, "fd": 0.0, "mfd": 0.0, "gd": 0.0, "afd": 0.0, "dino": 0.0,
@@ -28,17 +30,21 @@ def main(base: str, out: str) -> None:
     report = {}
     for name, weights in RECIPES.items():
         config = Path(out) / f"{name}.yaml"
-        if rank == 0:
-            config.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "output_dir": str(Path(out) / name)},
-                                              "distill": {**raw["distill"], "weights": NO_TERMS | weights}}))
+        if rank == 0:  # written whole, then renamed: the other rank never reads half a file
+            partial = config.with_suffix(".partial")
+            partial.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "output_dir": str(Path(out) / name)},
+                                               "distill": {**raw["distill"], "weights": NO_TERMS | weights}}))
+            partial.replace(config)
         while not config.exists():
-            pass
+            time.sleep(0.01)
         trainer = Trainer(load_config(config))
         draws = torch.rand(4).tolist()  # the stream dropout and masks draw from, after set-up
         report[name] = {"steps": trainer.run()["steps"], "draws": draws,
                         "find_unused": not trainer.objective.uses_every_parameter}
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    sys.exit(finish_process(0))

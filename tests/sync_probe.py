@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from clipkd_dino.config import load_config
+from clipkd_dino.train.distributed import finish_process
 from clipkd_dino.train.trainer import Trainer
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
@@ -61,3 +62,4 @@ def main(config: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    sys.exit(finish_process(0))

@@ -112,3 +112,17 @@ def test_torchrun_restarts_a_killed_rank_and_ends_with_the_uninterrupted_weights
     expected = torch.load(tmp_path / "reference" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, msg=name)
+
+
+def test_finish_process_ends_a_process_of_a_group_with_its_code_and_its_output_flushed():
+    """A process that joined a group ends in `finish_process` (os._exit: no finalisation, where torch's gloo
+    threads can abort it), with its exit code and what it printed; any other process gets its code back."""
+    script = ("import atexit, sys\n"
+              "from clipkd_dino.train import distributed\n"
+              "atexit.register(print, 'finalised')\n"
+              "assert distributed.finish_process(3) == 3\n"
+              "distributed._joined_group = True\n"
+              "print('printed', end='')\n"
+              "sys.exit(distributed.finish_process(4))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (4, "printed"), result.stderr
