@@ -35,6 +35,8 @@ class DataConfig:
     augment: bool = True  # RandomResizedCrop(scale=crop_scale); False: resize + centre crop
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     workers: int = 2  # DataLoader workers per process
+    prefetch: int = 2  # batches in flight per worker (in /dev/shm: workers x prefetch batches per process)
+    worker_timeout: float = 600.0  # seconds a batch may take to arrive before the run stops with an error
     shuffle_buffer: int = 2000  # webdataset sample shuffle buffer
     val_retrieval: str | None = None  # retrieval JSONL evaluated at epoch ends
     val_zeroshot: str | None = None  # zero-shot directory evaluated at epoch ends
@@ -227,9 +229,11 @@ def check_values(config: Config) -> None:
         "train.batch_size": config.train.batch_size,
         "optim.accum_steps": config.optim.accum_steps,
         "optim.lr": config.optim.lr,
+        "data.prefetch": config.data.prefetch,
     }
     non_negative = {
         "data.workers": config.data.workers,
+        "data.worker_timeout": config.data.worker_timeout,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.weight_decay": config.optim.weight_decay,
         "train.checkpoint_every_steps": config.train.checkpoint_every_steps,
