@@ -28,7 +28,9 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # CSV file or webdataset shards (brace pattern, e.g. "shards/train-{000000..000009}.tar")
     format: str = "auto"  # auto | csv | webdataset ("auto": *.csv / *.tsv are CSV, anything else webdataset)
-    num_samples: int | None = None  # webdataset only; default: the sum of sizes.json beside the shards
+    epochs: str = "auto"  # webdataset: exact (each sample once an epoch) | resampled (shards drawn with
+    # replacement, data.num_samples an epoch) | auto (exact when sizes.json lists every shard and num_samples is unset)
+    num_samples: int | None = None  # webdataset, resampled epochs: samples an epoch (default: the sum of sizes.json)
     csv_separator: str = "\t"
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import itertools
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -145,24 +147,28 @@ def cursors_after(batches: list[dict]) -> dict[int, dict]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("views, augment", [(True, False), (False, True)])
-def test_webdataset_resumed_epoch_replays_the_uninterrupted_one(toyworld_dir, student, workers, views, augment):
+@pytest.mark.parametrize("views, augment, epochs", [(True, False, "resampled"), (False, True, "exact")])
+def test_webdataset_resumed_epoch_replays_the_uninterrupted_one(toyworld_dir, student, workers, views, augment,
+                                                                epochs):
     shards = str(toyworld_dir / "train" / "shards")
-    data = webdataset(shards, student, workers, views, augment, num_samples=160)
+    data = webdataset(shards, student, workers, views, augment, **({"num_samples": 160} if epochs == "resampled"
+                                                                   else {"epochs": "exact"}))
+    assert data.epochs == epochs
     full = list(data.epoch_batches(1))
-    assert len(full) == data.steps_per_epoch == 20
+    assert len(full) == data.steps_per_epoch == (20 if epochs == "resampled" else 12)
     assert all(len(b["keys"]) == 8 for b in full)
     assert all(0 <= c < 5 for b in full for c in b["caption_index"].tolist())
     assert {v for b in full for v in b["view"].tolist()} == ({0, 1, 2, 3} if views else {-1})
     assert len({c for b in full for c in b["caption_index"].tolist()}) > 1
     assert {b["cursor"]["stream"] for b in full} == set(range(max(workers, 1)))
+    assert len({tuple(b["keys"]) for b in full}) == len(full), "each worker reads a stream of its own"
     restored = list(data.epoch_batches(1, skip_batches=7, cursors=cursors_after(full[:7])))
-    replayed = list(data.epoch_batches(1, skip_batches=7))  # no cursors: each stream replays its prefix
+    replayed = list(data.epoch_batches(1, skip_batches=7))  # no cursors: each stream moves past its prefix
     assert described(restored) == described(replayed) == described(full[7:])
     for got, again, expected in zip(restored, replayed, full[7:]):
         assert torch.equal(got["images"], expected["images"]) and torch.equal(got["texts"], expected["texts"])
         assert torch.equal(again["images"], expected["images"])
-    assert list(data.epoch_batches(1, skip_batches=20)) == []
+    assert list(data.epoch_batches(1, skip_batches=data.steps_per_epoch)) == []
 
 
 def test_webdataset_workers_read_each_shard_visit_once(toyworld_dir, student, monkeypatch):
@@ -179,7 +185,7 @@ def test_webdataset_workers_read_each_shard_visit_once(toyworld_dir, student, mo
         batches = []
         for stream in range(workers):
             monkeypatch.setattr(pairs, "get_worker_info", lambda: SimpleNamespace(id=stream, num_workers=workers))
-            batches += list(pairs.WebdatasetEpoch(data.urls, data.images, data.tokenizer, data.batch_size, 4,
+            batches += list(pairs.WebdatasetEpoch(data.shards, data.images, data.tokenizer, data.batch_size, 4,
                                                   data.seed, 0, 0, 0, data.steps_per_epoch))
         given = sum(len(b["keys"]) + sum(b["skipped"].values()) for b in batches)
         assert len(batches) == 20 and given == 160
@@ -214,7 +220,8 @@ def test_webdataset_resume_reads_and_decodes_only_what_is_left(toyworld_dir, stu
     assert len(decoded) == 2 * 16
     assert len(read) <= 20 + 2 * 16 + 2  # the shuffle buffer (20) restored, then the samples of the 2 batches
     read.clear()
-    assert len(list(data.epoch_batches(0, skip_batches=4))) == 2 and len(read) >= 4 * 16  # no cursors: replayed
+    # no cursors: the stream moves past its prefix through the shard indexes, reading only the samples after it
+    assert len(list(data.epoch_batches(0, skip_batches=4))) == 2 and len(read) <= 20 + 2 * 16 + 2
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -231,3 +238,60 @@ def test_webdataset_broken_members_are_counted_once_whatever_the_resume(tmp_path
     assert described(list(data.epoch_batches(0))) == described(reference)
     restored = list(data.epoch_batches(0, skip_batches=resume, cursors=cursors_after(reference[:resume])))
     assert described(restored) == described(reference[resume:])
+
+
+def epoch_identities(shards: str, student, processes: int, workers: int, batch_size: int, stop_after: int | None = None,
+                     epoch: int = 0) -> tuple[list[str], list[TrainData]]:
+    """The sample identities of an epoch read by `processes` ranks of `workers` loader workers each (real workers);
+    with `stop_after`, each rank stops after that many batches and resumes from its cursors (a kill and resume)."""
+    identities, ranks = [], []
+    for rank in range(processes):
+        config = DataConfig(train=shards, workers=workers, shuffle_buffer=20)
+        data = TrainData(config, student[1], student[0], batch_size=batch_size, rank=rank, world_size=processes)
+        read = list(data.epoch_batches(epoch)) if stop_after is None else list(
+            itertools.islice(data.epoch_batches(epoch), stop_after))
+        if stop_after is not None:
+            read += list(data.epoch_batches(epoch, skip_batches=stop_after, cursors=cursors_after(read)))
+        identities += [key for batch in read for key in batch["keys"]]
+        ranks.append(data)
+    return identities, ranks
+
+
+def test_exact_epoch_reads_every_sample_once_across_processes_and_workers(toyworld_dir, student):
+    shards = str(toyworld_dir / "train" / "shards")
+    identities, ranks = epoch_identities(shards, student, processes=2, workers=2, batch_size=8)
+    assert all(data.epochs == "exact" for data in ranks)
+    assert len(identities) == 96 and len(set(identities)) == 96, "each of the 96 samples once, on one worker"
+    resumed, _ = epoch_identities(shards, student, processes=2, workers=2, batch_size=8, stop_after=3)
+    assert sorted(resumed) == sorted(identities), "a kill and resume mid-epoch reads the rest once"
+    following, _ = epoch_identities(shards, student, processes=2, workers=2, batch_size=8, epoch=1)
+    assert sorted(following) == sorted(identities) and following != identities, "a new order each epoch"
+    # uneven shares: 96 samples over 2 x 2 streams of 24 = 4 batches of 5 each, the same count on every rank
+    uneven, ranks = epoch_identities(shards, student, processes=2, workers=2, batch_size=5)
+    assert [data.steps_per_epoch for data in ranks] == [8, 8]
+    assert len(uneven) == len(set(uneven)) == 2 * 8 * 5
+
+
+def test_exact_epoch_reads_each_shard_byte_about_once(tmp_path, toyworld_dir, student):
+    """Bytes read by the process over an exact epoch (rchar: headers indexed, members read at their exact size)."""
+    shards = toyworld_dir / "train" / "shards"
+    size = sum(path.stat().st_size for path in shards.glob("*.tar"))
+    data = webdataset(str(shards), student, 0, epochs="exact", batch_size=16)
+
+    def rchar() -> int:
+        return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar")).split()[1])
+
+    before = rchar()
+    assert sum(len(batch["keys"]) for batch in data.epoch_batches(0)) == 96
+    assert rchar() - before <= 1.15 * size
+
+
+def test_epoch_mode_errors_name_the_key(tmp_path, toyworld_dir, student):
+    shards = str(toyworld_dir / "train" / "shards")
+    with pytest.raises(ConfigError, match="'data.num_samples'.*unset it"):
+        webdataset(shards, student, 0, epochs="exact", num_samples=160)
+    (tmp_path / "a.tar").write_bytes((toyworld_dir / "train" / "shards" / "train-000000.tar").read_bytes())
+    with pytest.raises(ConfigError, match="exact epochs need every shard's size: .*a.tar is not listed"):
+        webdataset(str(tmp_path / "a.tar"), student, 0, epochs="exact")
+    assert webdataset(str(tmp_path / "a.tar"), student, 0, num_samples=32).epochs == "resampled"

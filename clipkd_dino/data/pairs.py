@@ -41,18 +41,20 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
 from clipkd_dino.data.faults import BadSample, is_utf8, load_image
 from clipkd_dino.data.identity import Shard, csv_source, identity_hashes, sample_identity, shard_sources
+from clipkd_dino.data.loader import batches as loader_batches
+from clipkd_dino.data.loader import data_loader
 from clipkd_dino.data.samples import RawSample, SampleRef, data_format, expand_shards, index_shard, read_sample
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
-from clipkd_dino.runtime import init_data_worker
 
 log = logging.getLogger(__name__)
 SHUFFLE_INITIAL = 500  # samples in a stream's shuffle buffer before the first is given out (webdataset's default)
@@ -86,22 +88,6 @@ class PairImages:
 
     def draw_view(self, rng: random.Random) -> int:
         return rng.randrange(self.num_views) if self.views is not None else -1
-
-
-def webdataset_num_samples(urls: list[str], configured: int | None) -> int:
-    """The configured count, else the sum over `sizes.json` files beside the shards."""
-    if configured:
-        return configured
-    total = 0
-    for url in urls:
-        sizes_file = Path(url).parent / "sizes.json"
-        sizes = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
-        if Path(url).name not in sizes:
-            raise ConfigError(
-                f"config key 'data.num_samples' is needed: {url} is not listed in {sizes_file}"
-            )
-        total += int(sizes[Path(url).name])
-    return total
 
 
 def load_pair(image: bytes | str, caption: str, images: PairImages, tokenizer, key: str, caption_index: int,
@@ -220,48 +206,65 @@ def _hashed(*parts) -> int:
     return int.from_bytes(hashlib.sha256("\0".join(str(part) for part in parts).encode()).digest()[:8], "little")
 
 
-Pointer = tuple[int, int]  # (shard draw, sample index within that shard): where a raw sample of a stream was read
+Pointer = tuple[int, int]  # (piece, sample index within that piece's shard): where a raw sample of a stream was read
+Piece = tuple[Shard, int, "int | None"]  # a shard and the range [start, stop) of its samples a stream reads (None: all)
+Pieces = Callable[[int], "Piece | None"]  # piece d of a stream; None past the stream's end
 
 
 class ShardStream:
-    """One stream of raw webdataset samples: shards drawn with replacement, each read once per visit in order
-    through its index (`samples.index_shard`, the tar reader of every command), through a shuffle buffer.
+    """One stream of raw webdataset samples: pieces of shards read in order through their index
+    (`samples.index_shard`, the tar reader of every command), each member with one read of its exact size, through
+    a shuffle buffer.
 
-    Draw d reads shard `shards[hash(key, d) % n]`; the sample given out at position p is the buffer's entry
-    `hash(key, p) % len(buffer)`, where `key` is (seed, rank, epoch, stream). So the whole state after any
-    position is small (a `cursor`: the position, the next draw and sample, the buffer's pointers), and `restore`
-    rebuilds it by reading only the buffered samples and the current shard's index, not the stream's prefix.
+    `pieces(d)` says what piece d is: in an exact epoch a planned range of a shard (`exact_pieces`), the stream
+    ending after the last; resampled, a whole shard drawn with replacement (`resampled_pieces`, endless). The sample
+    given out at position p is the buffer's entry `hash(key, p) % len(buffer)`, where `key` is (seed, rank, epoch,
+    stream). So the whole state after any position is small (a `cursor`: the position, the next piece and sample,
+    the buffer's pointers), and `restore` rebuilds it by reading only the buffered samples and the current shard's
+    index, not the stream's prefix; `advance(n)` moves past n positions reading shard indexes only (no sample).
     Faults (broken, empty, truncated shards) are counted when a shard is first indexed in the stream, never on a
     restore; `faults()` hands over those met since its last call.
     """
 
-    def __init__(self, shards: list[Shard], bufsize: int, key: tuple, cursor: dict | None = None) -> None:
-        self.shards, self.bufsize, self.key = shards, max(1, bufsize), key
+    def __init__(self, pieces: Pieces, bufsize: int, key: tuple, cursor: dict | None = None,
+                 shards: int = 1) -> None:
+        self.pieces, self.bufsize, self.key = pieces, max(1, bufsize), key
         self.initial = min(self.bufsize, SHUFFLE_INITIAL)
-        self.max_empty_draws = max(1000, 20 * len(shards))
-        self.position, self.draw, self.next, self.empty_draws = 0, -1, 0, 0
+        self.max_empty_draws = max(1000, 20 * shards)
+        self.position, self.draw, self.next, self.stop, self.empty_draws = 0, -1, 0, 0, 0
         self.refs: tuple[SampleRef, ...] = ()
-        self.buffer: list[tuple[Pointer, RawSample, str]] = []
+        self.buffer: list[tuple[Pointer, RawSample | None, str | None]] = []
         self._faults: Counter = Counter()
         self._open: tuple[str, BinaryIO] | None = None
+        self._reading = True
         if cursor is not None:
             self._restore(cursor)
 
-    def shard(self, draw: int) -> Shard:
-        return self.shards[_hashed(*self.key, "shard", draw) % len(self.shards)]
-
-    def take(self) -> tuple[RawSample, str]:
-        """The next raw sample given out and its identity (the stream is endless)."""
+    def take(self) -> tuple[RawSample, str] | None:
+        """The next raw sample given out and its identity; None once the stream is over."""
         for _ in range(2):  # while filling, read two samples for each one given out
-            if len(self.buffer) < self.bufsize:
-                self.buffer.append(self._read_next())
-        while len(self.buffer) < self.initial:
-            self.buffer.append(self._read_next())
+            if len(self.buffer) < self.bufsize and (entry := self._read_next()) is not None:
+                self.buffer.append(entry)
+        while len(self.buffer) < self.initial and (entry := self._read_next()) is not None:
+            self.buffer.append(entry)
+        if not self.buffer:
+            return None
         index = _hashed(*self.key, "pick", self.position) % len(self.buffer)
         self.buffer[index], self.buffer[-1] = self.buffer[-1], self.buffer[index]
         self.position += 1
         _, raw, identity = self.buffer.pop()
         return raw, identity
+
+    def advance(self, count: int) -> None:
+        """Move past `count` positions reading shard indexes only, then read the samples left in the buffer."""
+        self._reading = False
+        try:
+            for _ in range(count):
+                if self.take() is None:
+                    break
+        finally:
+            self._reading = True
+        self._restore(self.cursor())
 
     def cursor(self) -> dict:
         """The state after the samples given out so far (small tensors and ints: cheap to ship from a worker)."""
@@ -278,24 +281,30 @@ class ShardStream:
             self._open[1].close()
             self._open = None
 
-    def _read_next(self) -> tuple[Pointer, RawSample, str]:
-        while self.next >= len(self.refs):
+    def _read_next(self) -> tuple[Pointer, RawSample | None, str | None] | None:
+        while self.next >= self.stop:
+            piece = self.pieces(self.draw + 1)
+            if piece is None:
+                return None
             self.draw += 1
             self.empty_draws += 1
             if self.empty_draws > self.max_empty_draws:
                 raise UserError(f"webdataset: no readable sample in {self.max_empty_draws} shards drawn in a row "
-                                f"from {len(self.shards)} shards ({self.shards[0].url}, ...): are they all broken?")
-            self.refs, self.next = index_shard(self.shard(self.draw).url, self._faults), 0
+                                f"({piece[0].url}, ...): are they all broken?")
+            self.refs = index_shard(piece[0].url, self._faults)
+            self.next, self.stop = _piece_range(piece, self.refs)
         pointer = (self.draw, self.next)
         self.next += 1
         self.empty_draws = 0
+        if not self._reading:
+            return pointer, None, None
         return pointer, *self._read(pointer, self.refs)
 
     def _read(self, pointer: Pointer, refs: tuple[SampleRef, ...]) -> tuple[RawSample, str]:
-        shard = self.shard(pointer[0])
+        shard = self.pieces(pointer[0])[0]
         if self._open is None or self._open[0] != shard.url:
             self.close()
-            self._open = (shard.url, open(shard.url, "rb"))
+            self._open = (shard.url, open(shard.url, "rb", buffering=0))  # each member: one read of its size
         ref = refs[pointer[1]]
         return read_sample(shard.url, ref, self._open[1]), sample_identity(shard.source, ref.key)
 
@@ -306,12 +315,43 @@ class ShardStream:
 
         def refs(draw: int) -> tuple[SampleRef, ...]:  # faults of these shards were counted on their first read
             if draw not in indexes:
-                indexes[draw] = index_shard(self.shard(draw).url, Counter())
+                indexes[draw] = index_shard(self.pieces(draw)[0].url, Counter())
             return indexes[draw]
 
         pointers = [tuple(row) for row in cursor["buffer"].tolist()]
         self.buffer = [(pointer, *self._read(pointer, refs(pointer[0]))) for pointer in pointers]
         self.refs = refs(self.draw) if self.draw >= 0 else ()
+        self.stop = _piece_range(self.pieces(self.draw), self.refs)[1] if self.draw >= 0 else 0
+
+
+def _piece_range(piece: Piece, refs: tuple[SampleRef, ...]) -> tuple[int, int]:
+    """The sample range [start, stop) of a piece within its shard's readable samples (a truncated shard is shorter
+    than its listed size: the samples past the break are missing from the epoch, counted as `truncated_shard`)."""
+    _, start, stop = piece
+    return min(start, len(refs)), min(len(refs) if stop is None else stop, len(refs))
+
+
+def resampled_pieces(shards: list[Shard], key: tuple) -> Pieces:
+    """Whole shards drawn with replacement: piece d is `shards[hash(key, d) % n]` (endless)."""
+    return lambda draw: (shards[_hashed(*key, "shard", draw) % len(shards)], 0, None)
+
+
+def exact_pieces(shards: list[Shard], sizes: np.ndarray, seed: int, epoch: int, streams: int,
+                 stream: int) -> list[Piece]:
+    """The pieces of global stream `stream` of `streams` in an exact epoch: the shards in an order drawn from
+    (seed, epoch), their samples laid end to end (N = sum of `sizes`), and stream s given the contiguous range
+    [s N // S, (s + 1) N // S): each sample once per epoch, every stream within one sample of the others."""
+    order = np.random.default_rng(_hashed(seed, epoch, "shard order")).permutation(len(shards))
+    ends = np.cumsum(sizes[order])
+    total = int(ends[-1]) if len(ends) else 0
+    low, high = stream * total // streams, (stream + 1) * total // streams
+    pieces = []
+    for index in range(int(np.searchsorted(ends, low, side="right")), len(order)):
+        begin = int(ends[index] - sizes[order[index]])
+        if begin >= high:
+            break
+        pieces.append((shards[order[index]], max(low - begin, 0), min(high, int(ends[index])) - begin))
+    return pieces
 
 
 def _decode_raw(raw: RawSample, identity: str, images: PairImages, tokenizer, draws: random.Random):
@@ -340,23 +380,27 @@ def _torch_seeded(seed: int) -> Iterator[None]:
 class WebdatasetEpoch(IterableDataset):
     """Batches [skip, stop) of epoch `epoch` of process `rank`, each collated in a DataLoader worker.
 
-    The epoch is W streams (W = the number of loader workers, 1 without): global batch b is batch b // W of stream
-    b % W, the samples at positions [(b // W) B, (b // W + 1) B) of that `ShardStream`. Each stream is read by one
-    worker, so every shard visit is read once, by one process. The DataLoader takes batches from its workers in
-    turn starting at worker 0, so worker i serves stream (i + skip) % W. Each batch carries its stream's `cursor`;
-    with `cursors` (stream -> the cursor after the last batch done), a resumed epoch restores every stream instead
-    of reading its prefix. Without a cursor for a stream (another number of workers or processes before the
-    resume), the stream is replayed from its start without decoding: exact, at the cost of reading the prefix.
-    A sample's draws (caption, view, random augmentation) come from (seed, rank, epoch, stream, its position).
-    Faults met while a batch's samples are read are counted in that batch.
+    The epoch is W streams per process (W = the number of loader workers, 1 without): global batch b is batch
+    b // W of stream b % W, the samples at positions [(b // W) B, (b // W + 1) B) of that `ShardStream`. Each
+    stream is read by one worker, so every shard visit is read once, by one process. With `sizes` (the shards'
+    sample counts) the epoch is exact: stream w of process r is global stream r W + w of `exact_pieces`; without,
+    shards are drawn with replacement (`resampled_pieces`). A stream that runs out (a truncated shard) gives
+    shorter batches, so every process yields the same number of batches. The DataLoader takes batches from its
+    workers in turn starting at worker 0, so worker i serves stream (i + skip) % W. Each batch carries its stream's
+    `cursor`; with `cursors` (stream -> the cursor after the last batch done), a resumed epoch restores every stream
+    instead of moving through its prefix. Without a cursor for a stream, the stream is moved past its prefix by
+    reading shard indexes only (`ShardStream.advance`). A sample's draws (caption, view, random augmentation) come
+    from (seed, rank, epoch, stream, its position). Faults met while a batch's samples are read are counted in it.
     """
 
-    def __init__(self, urls: list[str], images: PairImages, tokenizer, batch_size: int, shuffle_buffer: int,
+    def __init__(self, shards: list[Shard], images: PairImages, tokenizer, batch_size: int, shuffle_buffer: int,
                  seed: int, rank: int, epoch: int, skip: int, stop: int, targets: BatchTargets | None = None,
-                 cursors: dict[int, dict] | None = None) -> None:
-        self.shards, self.images, self.tokenizer, self.batch_size = shard_sources(urls), images, tokenizer, batch_size
+                 cursors: dict[int, dict] | None = None, sizes: np.ndarray | None = None,
+                 world_size: int = 1) -> None:
+        self.shards, self.images, self.tokenizer, self.batch_size = shards, images, tokenizer, batch_size
         self.shuffle_buffer, self.seed, self.rank, self.epoch = shuffle_buffer, seed, rank, epoch
         self.skip, self.stop, self.targets, self.cursors = skip, stop, targets, cursors or {}
+        self.sizes, self.world_size = sizes, world_size
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -368,19 +412,20 @@ class WebdatasetEpoch(IterableDataset):
         key = (self.seed, self.rank, self.epoch, stream_id)
         cursor = self.cursors.get(stream_id)
         if cursor is not None and (cursor["workers"], cursor["batch"] + workers) != (workers, owned[0]):
-            cursor = None  # saved with another number of workers, or not the batch before: replay instead
-        stream = ShardStream(self.shards, self.shuffle_buffer, key, cursor)
+            cursor = None  # saved with another number of workers, or not the batch before: move instead
+        stream = ShardStream(self._pieces(key, workers, stream_id), self.shuffle_buffer, key, cursor,
+                             len(self.shards))
         try:
             if cursor is None:
-                for _ in range(owned[0] // workers * self.batch_size):  # replay the prefix, nothing decoded
-                    stream.take()
+                stream.advance(owned[0] // workers * self.batch_size)
                 stream.faults()
             for batch in owned:
                 samples = []
                 for _ in range(self.batch_size):
-                    raw, identity = stream.take()
+                    if (taken := stream.take()) is None:
+                        break
                     draws = _draws(*key, stream.position - 1)
-                    samples.append(_decode_raw(raw, identity, self.images, self.tokenizer, draws))
+                    samples.append(_decode_raw(*taken, self.images, self.tokenizer, draws))
                 met = stream.faults()
                 for reason, count in met.items():
                     log.warning("skipping unreadable webdataset data: %d x %s (stream %d)", count, reason, stream_id)
@@ -390,13 +435,42 @@ class WebdatasetEpoch(IterableDataset):
         finally:
             stream.close()
 
+    def _pieces(self, key: tuple, workers: int, stream_id: int) -> Pieces:
+        if self.sizes is None:
+            return resampled_pieces(self.shards, key)
+        plan = exact_pieces(self.shards, self.sizes, self.seed, self.epoch, workers * self.world_size,
+                            self.rank * workers + stream_id)
+        return lambda draw: plan[draw] if draw < len(plan) else None
+
 
 def _as_is(batch: dict) -> dict:
     return batch
 
 
+EPOCH_MODES = ("auto", "exact", "resampled")
+
+
+def listed_sizes(urls: list[str]) -> tuple[np.ndarray | None, str]:
+    """The sample count of each shard from the `sizes.json` files beside them (int64 [n]), or None and the first
+    shard that is not listed, as a sentence."""
+    sizes, files = [], {}
+    for url in urls:
+        sizes_file = Path(url).parent / "sizes.json"
+        if sizes_file not in files:
+            files[sizes_file] = json.loads(sizes_file.read_text()) if sizes_file.is_file() else {}
+        if Path(url).name not in files[sizes_file]:
+            return None, f"{url} is not listed in {sizes_file}"
+        sizes.append(int(files[sizes_file][Path(url).name]))
+    return np.asarray(sizes, dtype=np.int64), ""
+
+
 class TrainData:
-    """The training stream of one process: a DataLoader plus how many batches make an epoch."""
+    """The training stream of one process: a DataLoader plus how many batches make an epoch.
+
+    Webdataset epochs are exact (`data.epochs: exact`: every sample once per epoch, split across processes and
+    workers) or resampled (shards drawn with replacement, `data.num_samples` samples an epoch). `auto` picks exact
+    when every shard is listed in a `sizes.json` beside it and `data.num_samples` is unset or their sum.
+    """
 
     def __init__(self, cfg, images: PairImages | Callable, tokenizer, batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, targets: BatchTargets | None = None) -> None:
@@ -404,38 +478,97 @@ class TrainData:
         self.cfg, self.images, self.tokenizer, self.targets = cfg, images, tokenizer, targets
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.format = data_format(cfg.train, cfg.format)
+        self.streams = max(cfg.workers, 1)  # per process
+        self.sizes: np.ndarray | None = None
         if self.format == "csv":
             self.dataset = CsvPairs(cfg.train, images, tokenizer, cfg.csv_img_key, cfg.csv_caption_key,
                                     cfg.csv_separator, seed)
-            self.num_samples = len(self.dataset)
+            self.num_samples, self.epochs = len(self.dataset), "exact"
+            self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         else:
-            self.urls = expand_shards(cfg.train)
-            self.num_samples = webdataset_num_samples(self.urls, cfg.num_samples)
-        self.steps_per_epoch = self.num_samples // (batch_size * world_size)
+            urls = expand_shards(cfg.train)
+            shards = shard_sources(urls)
+            sizes, unlisted = listed_sizes(urls)
+            order = sorted(range(len(shards)), key=lambda i: shards[i].name)  # `::` order does not matter
+            self.shards = [shards[i] for i in order]
+            self.listed = sizes[order] if sizes is not None else None
+            self.epochs = self._epoch_mode(sizes, unlisted)
+            if self.epochs == "exact":
+                self.sizes = self.listed
+                self.num_samples = int(self.sizes.sum())
+                per_stream = self.num_samples // (self.streams * world_size)
+                self.steps_per_epoch = self.streams * (per_stream // batch_size)
+            else:
+                self.num_samples = cfg.num_samples or int(sizes.sum())
+                self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"data.train has {self.num_samples} samples, fewer than one global batch "
-                f"({batch_size} x {world_size} processes): lower train.batch_size"
+                f"data.train has {self.num_samples} samples, fewer than one batch for each of "
+                f"{world_size} processes x {self.streams} loader streams ({batch_size} a batch): lower "
+                "train.batch_size or data.workers"
             )
+
+    def _epoch_mode(self, sizes: np.ndarray | None, unlisted: str) -> str:
+        mode, configured = self.cfg.epochs, self.cfg.num_samples
+        if mode not in EPOCH_MODES:
+            raise ConfigError(f"config key 'data.epochs' must be one of {', '.join(EPOCH_MODES)}; got {mode!r}")
+        if mode == "exact" and sizes is None:
+            raise ConfigError(f"config key 'data.epochs': exact epochs need every shard's size: {unlisted}")
+        if mode == "exact" and configured not in (None, int(sizes.sum())):
+            raise ConfigError(f"config key 'data.num_samples' ({configured}) sets a resampled epoch's length; "
+                              f"an exact epoch is the shards' {int(sizes.sum())} samples: unset it, or set "
+                              "data.epochs=resampled")
+        if sizes is None and not configured:
+            raise ConfigError(f"config key 'data.num_samples' is needed: {unlisted}")
+        if mode == "auto":
+            mode = "exact" if sizes is not None and configured in (None, int(sizes.sum())) else "resampled"
+        if mode == "resampled" and self.rank == 0:
+            log.warning("data.epochs: resampled: shards are drawn with replacement, so an epoch of as many draws "
+                        "as shards reads about 63% of them (data.epochs=exact reads each sample once; it needs "
+                        "every shard in a sizes.json and data.num_samples unset)")
+        return mode
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What defines this process's stream of batches, by the config key that sets it: a resume onto a stream
+        whose fingerprint differs would read other samples than the saved positions point at."""
+        if self.format == "csv":
+            source = f"{Path(self.cfg.train).name} {Path(self.cfg.train).stat().st_size} bytes {self.num_samples} rows"
+        else:
+            sizes = self.listed.tolist() if self.listed is not None else [-1] * len(self.shards)
+            names = "\n".join(f"{shard.name}:{size}" for shard, size in zip(self.shards, sizes))
+            source = f"{len(self.shards)} shards sha256:{hashlib.sha256(names.encode()).hexdigest()[:16]}"
+        fingerprint = {"data.train": source, "data.epochs": self.epochs, "num_samples": self.num_samples,
+                       "train.batch_size": self.batch_size, "processes": self.world_size, "train.seed": self.seed}
+        if self.format != "csv":
+            fingerprint |= {"data.workers": self.streams, "data.shuffle_buffer": self.cfg.shuffle_buffer}
+        return fingerprint
+
+    def batch_bytes(self) -> int:
+        """About the bytes of one collated batch (its pixels and tokens, from one probe sample, plus 10%)."""
+        view = 0 if self.images.views is not None else -1
+        pixels = self.images(Image.new("RGB", (256, 256)), "size probe", view)
+        tokens = self.tokenizer(["size probe"])[0]
+        per_sample = pixels.numel() * pixels.element_size() + tokens.numel() * tokens.element_size() + 64
+        return int(1.1 * per_sample * self.batch_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int = 0, cursors: dict[int, dict] | None = None
                       ) -> Iterator[dict]:
         """The batches of `epoch` after the first `skip_batches` ones; webdataset `cursors` (stream -> the `cursor`
         of the last batch done of each stream) let a resume skip reading the epoch's prefix."""
+        if skip_batches >= self.steps_per_epoch:
+            return
         if self.format == "csv":
-            yield from self._csv_loader(epoch, skip_batches)
-        elif skip_batches < self.steps_per_epoch:
-            yield from self._webdataset_loader(epoch, skip_batches, cursors)
+            loader = self._csv_loader(epoch, skip_batches)
+        else:
+            loader = self._webdataset_loader(epoch, skip_batches, cursors)
+        yield from loader_batches(loader, "data.worker_timeout")
 
     def _loader(self, dataset, epoch: int, **kwargs) -> DataLoader:
         """Its own generator (worker seeds) leaves the global RNG, and so dropout, the same after a resume."""
-        workers = self.cfg.workers
-        options = {"batch_size": self.batch_size, "collate_fn": functools.partial(collate_pairs, targets=self.targets)
-                   } | kwargs
-        return DataLoader(dataset, num_workers=workers, persistent_workers=False,
-                          pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-                          worker_init_fn=init_data_worker,
-                          generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch), **options)
+        options = {"batch_size": self.batch_size,
+                   "collate_fn": functools.partial(collate_pairs, targets=self.targets)} | kwargs
+        return data_loader(dataset, workers=self.cfg.workers, prefetch=self.cfg.prefetch,
+                           seed=self.seed * 100_003 + epoch, timeout=self.cfg.worker_timeout, **options)
 
     def _csv_loader(self, epoch: int, skip_batches: int) -> DataLoader:
         sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
@@ -446,7 +579,7 @@ class TrainData:
                             drop_last=True)
 
     def _webdataset_loader(self, epoch: int, skip_batches: int, cursors: dict[int, dict] | None) -> DataLoader:
-        dataset = WebdatasetEpoch(self.urls, self.images, self.tokenizer, self.batch_size, self.cfg.shuffle_buffer,
+        dataset = WebdatasetEpoch(self.shards, self.images, self.tokenizer, self.batch_size, self.cfg.shuffle_buffer,
                                   self.seed, self.rank, epoch, skip_batches, self.steps_per_epoch, self.targets,
-                                  cursors)
+                                  cursors, self.sizes, self.world_size)
         return self._loader(dataset, epoch, batch_size=None, collate_fn=_as_is)  # batches come collated
