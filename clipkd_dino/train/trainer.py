@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipkd_dino.config import Config, check_values, config_to_dict
+from clipkd_dino.data.loader import check_shared_memory
 from clipkd_dino.data.pairs import PairImages, TrainData
 from clipkd_dino.data.samples import check_sources
 from clipkd_dino.distill import build_objective, check_distill
@@ -50,6 +51,7 @@ from clipkd_dino.train.optim import build_optimizer, build_scheduler
 from clipkd_dino.train.runlog import RunLog, flatten_numbers
 
 
+CHECKPOINT_NAME = "latest.pt"
 RANK_SEED_STRIDE = 1_000_003  # rank r > 0 draws dropout and masks from seed + r x this
 
 
@@ -98,15 +100,22 @@ def check_inputs(config: Config) -> None:
     check_distill(config)
 
 
+def stream_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """What differs between the stream a checkpoint was saved on and this run's, as `key: saved -> now`."""
+    if saved is None:
+        return ["the checkpoint predates stream fingerprints"]
+    return [f"{key}: {saved.get(key)} -> {current.get(key)}" for key in dict.fromkeys([*saved, *current])
+            if saved.get(key) != current.get(key)]
+
+
 class Trainer:
-    def __init__(self, config: Config, resume: str | None = None) -> None:
+    def __init__(self, config: Config, resume: str | None = None, new_stream: bool = False) -> None:
         check_inputs(config)
-        self.config = config
+        self.config, self.new_stream = config, new_stream
         self.output_dir = Path(config.train.output_dir)
         resume_path = resolve_resume(resume, self.output_dir) if resume else None
         self.device, self.dist = init_process(config.train.device)
         device = self.device
-        self.lock = OutputLock(self.output_dir) if self.dist.is_main else None
 
         torch.manual_seed(config.train.seed)
         self.model = create_model(config.model.name, config.model.pretrained, device)
@@ -138,6 +147,9 @@ class Trainer:
             raise ConfigError(f"optim.accum_steps={accum} is more than the {self.data.steps_per_epoch} batches "
                               "of an epoch")
         self.total_steps = config.train.epochs * self.steps_per_epoch
+        self.stream = self.data.fingerprint() | {"optim.accum_steps": accum}
+        check_shared_memory(self.data.batch_bytes(), config.data.workers, config.data.prefetch,
+                            "data.prefetch or data.workers (or train.batch_size)")
         self.optimizer = build_optimizer(self.objective, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
@@ -150,6 +162,7 @@ class Trainer:
         self.signals = StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
+        self.lock = OutputLock(self.output_dir) if self.dist.is_main else None  # taken once nothing can fail
         self.log = RunLog(self.output_dir, self.dist.is_main)
         if self.dist.is_main:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
@@ -167,6 +180,7 @@ class Trainer:
                 "steps": self.position.step,
                 "processes": self.dist.world_size,
                 "global_batch": global_batch,
+                "data_epochs": self.data.epochs,  # exact (each sample once an epoch) or resampled
                 "contrastive_batch": global_batch,  # the contrastive terms see every micro-batch of the step
                 "wall_seconds": round(time.time() - start, 1),
                 "skipped_samples": summed_counts(self.skipped),
@@ -383,6 +397,7 @@ class Trainer:
             "epoch": self.position.epoch,
             "batch_in_epoch": self.position.batch,
             "step": self.position.step,
+            "batches_per_epoch": self.steps_per_epoch * self.config.optim.accum_steps,
             "config": config_to_dict(self.config),
         }
         if full:
@@ -397,37 +412,47 @@ class Trainer:
                 "rng": rng,  # per rank: dropout and masks continue as if never stopped
                 "data_cursors": cursors,  # per rank: where each webdataset stream of the epoch stands
                 "world_size": self.dist.world_size,
+                "stream": self.stream,  # what the cursors and the position in the epoch refer to
             }
         save_checkpoint(payload, path, payload["state_dict"])
 
     def _restore(self, state: dict[str, Any]) -> None:
+        """Continue from a full checkpoint. On the stream it was saved on (its fingerprint equal), exactly: every
+        rank's generators and loader cursors. On another stream only with `new_stream`: the epoch goes on from the
+        same share of its batches, each rank keeping its freshly seeded generators."""
         if "optimizer" not in state:
             raise ConfigError("--resume needs a full checkpoint (checkpoints/latest.pt), not an epoch_N.pt file")
         if state["model_name"] != self.config.model.name:
             raise ConfigError(f"--resume: the checkpoint is a {state['model_name']!r} model, the config says "
                               f"{self.config.model.name!r}")
-        saved_world = state.get("world_size", self.dist.world_size)
-        if saved_world != self.dist.world_size:
-            raise ConfigError(f"--resume: the checkpoint was written by {saved_world} processes and this run has "
-                              f"{self.dist.world_size}: resume with {saved_world} (torchrun --nproc_per_node), or "
-                              "start a new run from its weights (model.pretrained=CHECKPOINTS/epoch_N.pt)")
+        changed = stream_changes(state.get("stream"), self.stream)
+        if changed and not self.new_stream:
+            raise ConfigError(f"--resume: this run's data stream is not the one {CHECKPOINT_NAME} was saved on "
+                              f"({'; '.join(changed)}): resume with the saved settings, or add --new-stream to run "
+                              "the epoch's remaining steps on the new stream")
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.skipped.update(state["skipped"])
         self.seen, self.underfull = state.get("seen", 0), state.get("underfull", 0)
-        if isinstance(state["rng"], torch.Tensor):  # written before per-rank states: rank 0's CPU generator
-            torch.set_rng_state(state["rng"])
+        if changed:  # each rank keeps its freshly seeded generator; the epoch goes on in proportion
+            done = state["batch_in_epoch"] / state.get("batches_per_epoch", state["batch_in_epoch"] or 1)
+            batch = round(done * self.steps_per_epoch) * self.config.optim.accum_steps
         else:
             set_random_state(state["rng"][self.dist.rank], self.device)
-            self.cursors = state["data_cursors"][self.dist.rank]
-        self.position = Position(state["epoch"], state["batch_in_epoch"], state["step"])
+            self.cursors, batch = state["data_cursors"][self.dist.rank], state["batch_in_epoch"]
+        self.position = Position(state["epoch"], batch, state["step"])
         if self.dist.is_main:
+            new = (f" on a new data stream ({'; '.join(changed)}): the epoch's remaining "
+                   f"{self.steps_per_epoch - batch // self.config.optim.accum_steps} steps read the new stream "
+                   "from the same share of the epoch, so some of its samples may be seen twice or not at all this "
+                   "epoch") if changed else ""
             print(f"resuming at step {self.position.step} (epoch {self.position.epoch + 1}, batch "
-                  f"{self.position.batch})", file=sys.stderr, flush=True)
+                  f"{self.position.batch}){new}", file=sys.stderr, flush=True)
 
 
-def train(config: Config, resume: str | None = None) -> dict[str, Any]:
-    """Train a CLIP model as `config` says; returns the run summary."""
-    return Trainer(config, resume).run()
+def train(config: Config, resume: str | None = None, new_stream: bool = False) -> dict[str, Any]:
+    """Train a CLIP model as `config` says; returns the run summary. `new_stream`: a resume may continue on a data
+    stream other than the saved one (see `Trainer._restore`)."""
+    return Trainer(config, resume, new_stream).run()
