@@ -6,7 +6,8 @@
 Data: toyworld drawn at --size px and stored as JPEG (quality 90) in webdataset shards of 250 samples. Transform:
 RandomResizedCrop(224, scale 0.9-1.0, bicubic), then uint8 pixels (ours, and the bare row) or ToTensor + Normalize
 (open_clip's pipeline, which normalises in its workers); one torch thread per process. One epoch = --images samples, batch --batch.
-Rows (all in this one run, so the ratios are what counts on a shared machine):
+Rows (all in this one run, so the ratios are what counts on a shared machine; open_clip runs resampled, ours
+--epochs exact or resampled):
   bare         decode + crop in this process (the limit per process)
   ours         TrainData on the shards (W loader workers, each reading its own stream of shard visits)
   open_clip    open_clip_train.data.get_wds_dataset, resampled, the same shards and transform (needs pandas; with
@@ -60,6 +61,7 @@ def jpeg_shards(png_shards: Path, out: Path) -> Path:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 sink.addfile(info, io.BytesIO(data))
+    (out / "sizes.json").write_text((png_shards / "sizes.json").read_text())
     return out
 
 
@@ -118,8 +120,9 @@ def bare(shards: Path, images: int) -> float:
     return min(images, len(encoded)) / (time.perf_counter() - start)
 
 
-def ours(shards: Path, images: int, batch: int, workers: int, shuffle: int) -> tuple[float, int, dict]:
-    config = DataConfig(train=str(shards), num_samples=images, workers=workers, shuffle_buffer=shuffle)
+def ours(shards: Path, images: int, batch: int, workers: int, shuffle: int, epochs: str) -> tuple[float, int, dict]:
+    config = DataConfig(train=str(shards), num_samples=images if epochs == "resampled" else None, epochs=epochs,
+                        workers=workers, shuffle_buffer=shuffle)
     data = TrainData(config, PairImages(train_transform(uint8=True)), get_tokenizer("ViT-B-16"), batch_size=batch)
     steps = data.steps_per_epoch
     seconds, read, got = drain(data._webdataset_loader(0, 0, None), steps)
@@ -158,6 +161,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shards", type=Path,
                         help="a folder of your own webdataset shards (.jpg + .txt members) instead of toyworld's")
+    parser.add_argument("--epochs", choices=("exact", "resampled"), default="exact",
+                        help="our epochs: exact (each sample once; needs sizes.json beside the shards) or resampled")
     parser.add_argument("--shuffle", type=int, default=200,
                         help="sample shuffle buffer of both pipelines (small against the data, as at scale)")
     args = parser.parse_args()
@@ -181,8 +186,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         print(f"| bare decode + crop | 1 (this process) | {bare(shards, args.images):.0f} | | | | |", flush=True)
         for workers in args.workers:
-            rate, read, resume = ours(shards, args.images, args.batch, workers, args.shuffle)
-            print(f"| ours | {workers} | {rate:.0f} | {rate / workers:.0f} | {read / size:.2f} | "
+            rate, read, resume = ours(shards, args.images, args.batch, workers, args.shuffle, args.epochs)
+            print(f"| ours ({args.epochs}) | {workers} | {rate:.0f} | {rate / workers:.0f} | {read / size:.2f} | "
                   f"{resume['seconds']:.1f} | {resume['bytes'] / 2**20:.1f} MiB "
                   f"({resume['bytes'] / shard_bytes / workers:.2f}) |", flush=True)
             try:

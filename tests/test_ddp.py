@@ -62,10 +62,11 @@ def test_a_checkpoint_of_another_world_size_is_refused_in_one_line(tmp_path, toy
     trainer.run()
     latest = tmp_path / "run" / "checkpoints" / "latest.pt"
     state = torch.load(latest, weights_only=True)
-    assert state["world_size"] == 1 and len(state["rng"]) == 1
-    state["world_size"] = 8
+    assert state["stream"]["processes"] == 1 and len(state["rng"]) == 1
+    state["stream"]["processes"] = 8
     torch.save(state, latest)
-    with pytest.raises(ConfigError, match=r"written by 8 processes and this run has 1: resume with 8") as error:
+    with pytest.raises(ConfigError, match=r"--resume: .*\(processes: 8 -> 1\): resume with the saved settings, or "
+                                          r"add --new-stream") as error:
         Trainer(load_config(write_config(tmp_path, toyworld_dir)), resume="auto")
     assert "\n" not in str(error.value)
 

@@ -23,7 +23,7 @@ def saved_run(toyworld_dir, tmp_path_factory) -> tuple[Path, Path]:
     saved after batch 2 of the epoch; returns (the config, latest.pt)."""
     root = tmp_path_factory.mktemp("stream")
     shards = sorted((toyworld_dir / "train" / "shards").glob("*.tar"))
-    for folder, members in (("a", shards[:2]), ("b", shards[2:])):
+    for folder, members in (("a", shards[:2]), ("b", shards[2:]), ("c", shards[:1])):
         (root / folder).mkdir()
         for shard in members:
             shutil.copy(shard, root / folder / shard.name)
@@ -74,6 +74,9 @@ def test_a_changed_stream_is_refused_naming_what_changed(saved_run, tmp_path, ov
 def test_other_shards_are_refused_and_reordered_sources_resume_exactly(saved_run, tmp_path):
     config, latest = saved_run
     first, second = yaml.safe_load(config.read_text())["data"]["train"].split("::")
+    added = str(Path(second).parent / "c")  # a third source: one more shard
+    with pytest.raises(ConfigError, match=r"data.train: 3 shards sha256:\w+ -> 4 shards"):
+        resumed(config, latest, tmp_path, f"data.train={first}::{second}::{added}")
     with pytest.raises(ConfigError, match=r"data.train: 3 shards sha256:\w+ -> 2 shards"):
         resumed(config, latest, tmp_path, f"data.train={first}")
     again = resumed(config, latest, tmp_path, f"data.train={second}::{first}")  # the same shards, other order

@@ -5,20 +5,20 @@ batch and counted per reason; the counts travel with each batch (`batch["skipped
 them, even from DataLoader worker processes.
 
 - CSV: every row is visited once per epoch (DistributedSampler); a resumed run skips the batches already done.
-- webdataset: shards are sampled with replacement (open_clip's "resampled" mode), so every process always has
-  data and an epoch is a fixed number of steps (`num_samples // global batch`). A `.txt` member with several lines
-  holds several captions: one is drawn at random at each visit. An epoch of a process is W streams, one per
-  DataLoader worker (W = `data.workers`, 1 without workers): each reads its own shard draws, each shard visit
+- webdataset: an epoch is exact (`data.epochs: exact`: the shards' samples in an order drawn per epoch, each of the
+  processes x W streams reading a contiguous share, each sample once) or resampled (shards drawn with replacement,
+  open_clip's "resampled" mode, `num_samples // global batch` steps an epoch); see `TrainData`. A `.txt` member with
+  several lines holds several captions: one is drawn at random at each visit. An epoch of a process is W streams,
+  one per DataLoader worker (W = `data.workers`, 1 without workers): each reads its own pieces of shards, each
   once, in order, through its own shuffle buffer (`ShardStream`), so the bytes read per epoch are the data's size
-  whatever W. Everything is a pure function of (seed, rank, epoch, stream) and positions: the shard draws, the
-  buffer's picks, and each sample's caption, view and random augmentation. Batch b is batch b // W of stream
-  b % W (a skipped sample keeps its place, so a batch may hold fewer valid samples). Each batch carries its
-  stream's cursor (a few ints and the shuffle buffer's pointers); a resumed epoch restores every stream from the
-  cursors of the last batches done, reading only the buffered samples and the current shard's index, and yields
-  exactly the batches the uninterrupted epoch yields after them, as long as the number of workers and of
-  processes is the same (otherwise each stream is replayed from the epoch's start, undecoded: still exact for the
-  new numbers, at the cost of reading the prefix). Skipped batches are never decoded, and their bad samples and
-  broken shard members are not counted again.
+  whatever W. Everything is a pure function of (seed, rank, epoch, stream) and positions: the pieces, the buffer's
+  picks, and each sample's caption, view and random augmentation. Batch b is batch b // W of stream b % W (a
+  skipped sample keeps its place, so a batch may hold fewer valid samples). Each batch carries its stream's cursor
+  (a few ints and the shuffle buffer's pointers); a resumed epoch restores every stream from the cursors of the last
+  batches done, reading only the buffered samples and the current shard's index, and yields exactly the batches
+  the uninterrupted epoch yields after them. The trainer resumes only onto the same stream (`TrainData.fingerprint`
+  in `latest.pt`). Skipped batches are never decoded, and their bad samples and broken shard members are not
+  counted again.
 
 Each batch also carries the samples' identities (`keys`: `SOURCE/KEY`, see `identity.py`, with the webdataset
 `__key__` or the CSV image path as written; `ids`: their int64 hashes), the index of the caption drawn among the
@@ -546,7 +546,8 @@ class TrainData:
     def batch_bytes(self) -> int:
         """About the bytes of one collated batch (its pixels and tokens, from one probe sample, plus 10%)."""
         view = 0 if self.images.views is not None else -1
-        pixels = self.images(Image.new("RGB", (256, 256)), "size probe", view)
+        with torch.random.fork_rng(devices=[]):  # a random crop's draws leave training's generator alone
+            pixels = self.images(Image.new("RGB", (256, 256)), "size probe", view)
         tokens = self.tokenizer(["size probe"])[0]
         per_sample = pixels.numel() * pixels.element_size() + tokens.numel() * tokens.element_size() + 64
         return int(1.1 * per_sample * self.batch_size)

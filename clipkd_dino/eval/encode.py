@@ -13,13 +13,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from clipkd_dino.data.faults import BadSample, load_image
+from clipkd_dino.data.loader import batches as loader_batches
+from clipkd_dino.data.loader import data_loader
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.sources import ShardMember
-from clipkd_dino.runtime import autocast, init_data_worker
+from clipkd_dino.runtime import autocast
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -90,17 +92,12 @@ def encode_image_set(
 
     Without `skip_bad` the first unreadable image raises a UserError naming it, so the list is always empty.
     """
-    loader = DataLoader(
-        ImageFiles(images, transform, skip_bad),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=_collate_images,
-        worker_init_fn=init_data_worker,
-    )
+    loader = data_loader(ImageFiles(images, transform, skip_bad), workers=num_workers, batch_size=batch_size,
+                         collate_fn=_collate_images)
     features, bad = [], []
     with inference(model, device, precision):
-        for batch, unreadable in _progress(loader, "images", progress):
+        for batch, unreadable in _progress(loader_batches(loader, "the data loader's timeout"), "images", progress,
+                                           len(loader)):
             bad.extend(unreadable)
             if len(batch):
                 features.append(_cpu(model.encode_image(batch.to(device, non_blocking=True))))
@@ -141,9 +138,9 @@ def _collate_images(items: list[tuple[int, torch.Tensor | str]]) -> tuple[torch.
     return (torch.stack(tensors) if tensors else torch.empty(0)), bad
 
 
-def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterable:
+def _progress(iterable: Iterable, desc: str, enabled: bool, total: int | None = None) -> Iterable:
     """A tqdm bar on a terminal when `enabled`, else the iterable itself."""
-    return tqdm(iterable, desc=desc, unit="batch", disable=None, leave=False) if enabled else iterable
+    return tqdm(iterable, desc=desc, unit="batch", disable=None, leave=False, total=total) if enabled else iterable
 
 
 def _describe(image: ImageRef) -> str:

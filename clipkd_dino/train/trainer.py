@@ -411,7 +411,6 @@ class Trainer:
                 "underfull": self.underfull,
                 "rng": rng,  # per rank: dropout and masks continue as if never stopped
                 "data_cursors": cursors,  # per rank: where each webdataset stream of the epoch stands
-                "world_size": self.dist.world_size,
                 "stream": self.stream,  # what the cursors and the position in the epoch refer to
             }
         save_checkpoint(payload, path, payload["state_dict"])
