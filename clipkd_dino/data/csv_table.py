@@ -9,7 +9,7 @@ Fields are decoded to `str` when accessed.
 Rows are csv.DictReader's with the given delimiter (its quoting; an empty line is no row; a field missing from a
 short row reads as ""), read from the file's bytes: bytes that are not UTF-8 are kept (decoded with
 surrogateescape) and their row is flagged, not dropped. While the file holds no quote, carriage return or NUL byte,
-its lines are split at separators directly (what csv.reader does on such text), 16 MiB at a time; from the first
+its lines are split at separators directly (what csv.reader does on such text), 4 MiB at a time; from the first
 block that holds one, the csv module reads the rest.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from clipkd_dino.errors import ConfigError
 
-BLOCK_BYTES = 1 << 24  # the per-row Python objects of parsing live for a block of the file
+BLOCK_BYTES = 1 << 22  # the per-row Python objects of parsing live for a block of the file (4 MiB)
 CSV_ONLY = (b'"', b"\r", b"\0")  # bytes that mean more than text to csv.reader (quotes, line ends)
 UTF8, USABLE = 1, 2  # row flags: its fields are UTF-8; also its caption is not blank
 
