@@ -78,6 +78,14 @@ def test_csv_table_reads_what_dictreader_reads(tmp_path, monkeypatch, block_byte
     assert table.caption(2) == ('a "quoted" dog\twith a tab' if quoted else "a quoted dog")
 
 
+@pytest.mark.parametrize("header", [b"filepath\ttitle", b'"filepath"\ttitle\n'])
+def test_csv_table_of_a_header_alone_is_empty(tmp_path, header):
+    (tmp_path / "data.csv").write_bytes(header)
+    assert len(CsvTable.read(tmp_path / "data.csv")) == 0
+    units = list_units(str(tmp_path / "data.csv"))
+    assert len(units) == 1 and unit_samples(units[0], Counter()) == ()
+
+
 def test_csv_labelling_units_group_the_rows_of_each_image(tmp_path, monkeypatch):
     (tmp_path / "data.csv").write_bytes(TRICKY)
     monkeypatch.setattr(samples, "CSV_UNIT_SIZE", 2)

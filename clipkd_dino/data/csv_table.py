@@ -53,7 +53,7 @@ class CsvTable:
             if key not in header:
                 raise ConfigError(f"{path}: column {key!r} not found (columns: {header}){hint}")
             columns.append(len(header) - 1 - header[::-1].index(key))  # csv.DictReader keeps a name's last column
-        text, bounds, flags, digests = bytearray(), [np.zeros(1, np.int64)], [], []
+        text, bounds, flags, digests = bytearray(), [np.zeros(1, np.int64)], [np.zeros(0, np.uint8)], []
         for block in records:
             fields = [row[c] if c < len(row) else b"" for row in block if row for c in columns]
             bounds.append(len(text) + np.cumsum(np.fromiter(map(len, fields), np.int64, len(fields))))
