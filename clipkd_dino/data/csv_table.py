@@ -53,16 +53,17 @@ class CsvTable:
             if key not in header:
                 raise ConfigError(f"{path}: column {key!r} not found (columns: {header}){hint}")
             columns.append(len(header) - 1 - header[::-1].index(key))  # csv.DictReader keeps a name's last column
-        text, bounds, flags, digests = bytearray(), [np.zeros(1, np.int64)], [np.zeros(0, np.uint8)], []
+        # growing bytearrays, not lists of pieces: no copy at the end, and freed pieces leave no heap fragments
+        text, bounds, flags, digests = bytearray(), bytearray(8), bytearray(), bytearray()
         for block in records:
             fields = [row[c] if c < len(row) else b"" for row in block if row for c in columns]
-            bounds.append(len(text) + np.cumsum(np.fromiter(map(len, fields), np.int64, len(fields))))
+            bounds += (len(text) + np.cumsum(np.fromiter(map(len, fields), np.int64, len(fields)))).tobytes()
             text += b"".join(fields)
-            flags.append(np.fromiter(_flags(fields), np.uint8, len(fields) // 2))
-            digests.append(b"".join(hashlib.blake2b(image, digest_size=16).digest() for image in fields[::2]))
-        flags = np.concatenate(flags)
-        image, caption_index = _images(np.frombuffer(b"".join(digests), "<u8").reshape(-1, 2), flags & USABLE > 0)
-        return cls(np.frombuffer(text, np.uint8), np.concatenate(bounds), flags, caption_index, image)
+            flags += bytes(_flags(fields))
+            digests += b"".join(hashlib.blake2b(image, digest_size=16).digest() for image in fields[::2])
+        flags = np.frombuffer(flags, np.uint8)
+        image, caption_index = _images(np.frombuffer(digests, "<u8").reshape(-1, 2), flags & USABLE > 0)
+        return cls(np.frombuffer(text, np.uint8), np.frombuffer(bounds, np.int64), flags, caption_index, image)
 
     def __len__(self) -> int:
         return len(self.flags)
@@ -151,15 +152,15 @@ def _is_utf8(data: bytes) -> bool:
 
 def _images(hashes: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(image, caption_index) per row from the rows' image path hashes (uint64 [N, 2]) and usable flags."""
+    # the results first: below the temporaries on the heap, which can then be given back to the system when freed
+    image, caption_index = np.empty(len(hashes), np.int32), np.empty(len(hashes), np.int32)
     order = np.lexsort((hashes[:, 1], hashes[:, 0]))  # stable: an image's rows stay in file order
     new = _firsts(hashes[order])
     group = np.cumsum(new) - 1
     before = np.cumsum(usable[order]) - usable[order]  # usable rows before, in sorted order
-    caption_index = np.empty(len(order), np.int32)
     caption_index[order] = before - before[new][group]
     number = np.empty(int(new.sum()), np.int32)  # group -> its image's number, by first appearance
     number[np.argsort(order[new])] = np.arange(len(number))
-    image = np.empty(len(order), np.int32)
     image[order] = number[group]
     return image, caption_index
 
