@@ -9,7 +9,8 @@ resumes unit by unit and torchrun ranks split the units):
   `__key__`; captions are the non-empty lines of the `.txt` member; a `.json` member is kept as metadata. A key
   repeated within a shard is refused (a UserError naming the shard and both members).
 - CSV: rows are grouped by image path (open_clip CSVs hold one row per caption); the key is the image path as
-  written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in file order.
+  written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in order of their first UTF-8 row. The file is
+  read once into a `csv_table.CsvTable` (numpy arrays); a unit's SampleRefs are made from it when it is read.
 
 A sample's identity is `SOURCE/KEY` (`identity.py`): the unit knows its source.
 
