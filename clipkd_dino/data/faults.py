@@ -94,12 +94,3 @@ def load_image(source: bytes | str | Path) -> Image.Image:
             return image
     except _IMAGE_ERRORS as error:
         raise BadSample("bad_image", str(error)) from None
-
-
-def is_utf8(text: str) -> bool:
-    """False for text read with errors="surrogateescape" from bytes that are not UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -32,7 +32,6 @@ tensors and may drop samples it cannot serve, counting them in `skipped`.
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
 import json
@@ -48,7 +47,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Sampler, get_worker_info
 
-from clipkd_dino.data.faults import BadSample, is_utf8, load_image
+from clipkd_dino.data.csv_table import CsvTable
+from clipkd_dino.data.faults import BadSample, load_image
 from clipkd_dino.data.identity import Shard, csv_source, identity_hashes, sample_identity, shard_sources
 from clipkd_dino.data.loader import batches as loader_batches
 from clipkd_dino.data.loader import data_loader
@@ -139,7 +139,8 @@ class CsvPairs(Dataset):
     Relative image paths are resolved against the CSV file's folder. A row's key is its image path as written (its
     identity `STEM/PATH`, STEM the CSV file's); its caption index counts the usable captions of the same image in
     the rows before it (as the teacher cache orders them). A row whose bytes are not UTF-8 is kept and skipped at
-    each visit (`invalid_utf8`), like any bad sample.
+    each visit (`invalid_utf8`), like any bad sample. The rows are a `CsvTable` (numpy arrays, no object per row),
+    which forked loader workers share.
     The view and the random augmentation of a row are drawn from (seed, epoch, row), so a resumed epoch replays
     them, with or without loader workers.
     """
@@ -147,37 +148,23 @@ class CsvPairs(Dataset):
     def __init__(self, path: str, images: PairImages, tokenizer, img_key="filepath", caption_key="title",
                  separator="\t", seed: int = 0):
         self.path, self.pair_images, self.tokenizer, self.seed, self.epoch = Path(path), images, tokenizer, seed, 0
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-            reader = csv.DictReader(handle, delimiter=separator)
-            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-            if missing:
-                raise ConfigError(
-                    f"{path}: column {missing[0]!r} not found (columns: {reader.fieldnames}); "
-                    "set data.csv_img_key / data.csv_caption_key / data.csv_separator"
-                )
-            rows = [(row[img_key], row[caption_key] or "") for row in reader]
-        source = csv_source(path)
-        self.keys = [sample_identity(source, image) for image, _ in rows]
-        self.images = [str(self.path.parent / image) for image, _ in rows]
-        self.captions = [caption for _, caption in rows]
-        self.utf8 = [is_utf8(image + caption) for image, caption in rows]
-        seen: Counter = Counter()
-        self.caption_index = []
-        for (key, caption), utf8 in zip(rows, self.utf8):
-            self.caption_index.append(seen[key])
-            seen[key] += bool(caption.strip()) and utf8
+        self.source = csv_source(path)
+        self.table = CsvTable.read(path, separator, img_key, caption_key,
+                                   hint="; set data.csv_img_key / data.csv_caption_key / data.csv_separator")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.table)
 
     def __getitem__(self, index: int):
         draws = _draws(self.seed, self.epoch, index)
         view, torch_seed = self.pair_images.draw_view(draws), draws.getrandbits(63)
-        if not self.utf8[index]:
+        if not self.table.utf8(index):
             return Skipped("invalid_utf8")
+        image = self.table.image_path(index)
         with _torch_seeded(torch_seed):
-            return load_pair(self.images[index], self.captions[index], self.pair_images, self.tokenizer,
-                             self.keys[index], self.caption_index[index], view)
+            return load_pair(str(self.path.parent / image), self.table.caption(index), self.pair_images,
+                             self.tokenizer, sample_identity(self.source, image), int(self.table.caption_index[index]),
+                             view)
 
 
 class SkipFirst(Sampler):

@@ -9,7 +9,8 @@ resumes unit by unit and torchrun ranks split the units):
   `__key__`; captions are the non-empty lines of the `.txt` member; a `.json` member is kept as metadata. A key
   repeated within a shard is refused (a UserError naming the shard and both members).
 - CSV: rows are grouped by image path (open_clip CSVs hold one row per caption); the key is the image path as
-  written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in file order.
+  written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in order of their first UTF-8 row. The file is
+  read once into a `csv_table.CsvTable` (numpy arrays); a unit's SampleRefs are made from it when it is read.
 
 A sample's identity is `SOURCE/KEY` (`identity.py`): the unit knows its source.
 
@@ -24,7 +25,6 @@ without an image (`missing_image`), without a caption (`missing_caption`) or who
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import tarfile
 from collections import Counter
@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from braceexpand import braceexpand
 
-from clipkd_dino.data.faults import decode_captions, is_utf8
+from clipkd_dino.data.csv_table import CsvTable
+from clipkd_dino.data.faults import decode_captions
 from clipkd_dino.data.identity import csv_source, sample_identity, shard_sources
 from clipkd_dino.errors import ConfigError, UserError
 
@@ -53,6 +55,28 @@ class SampleRef:
     captions: tuple[str, ...] = ()  # CSV: every caption of the image
 
 
+@dataclass(frozen=True, eq=False)
+class CsvBlock:
+    """Images [start, stop) of a CSV file's table: image k's UTF-8 rows are rows[starts[k]:starts[k + 1]]
+    (`CsvTable.image_rows`); its SampleRefs are made when asked for, so a unit holds no per-image object."""
+
+    table: CsvTable
+    rows: np.ndarray
+    starts: np.ndarray
+    start: int
+    stop: int
+
+    def samples(self, root: Path) -> tuple[SampleRef, ...]:
+        """Each image's SampleRef: its path as written, joined to `root`, and its usable captions in file order."""
+        refs = []
+        for image in range(self.start, self.stop):
+            rows = self.rows[self.starts[image]:self.starts[image + 1]]
+            key = self.table.image_path(rows[0])
+            captions = tuple(self.table.caption(row) for row in rows if self.table.usable(row))
+            refs.append(SampleRef(key, image_path=str(root / key), captions=captions))
+        return tuple(refs)
+
+
 @dataclass(frozen=True)
 class Unit:
     """A shard or a block of CSV images of source `source`; `name` (`SOURCE/SHARD` or `SOURCE/BLOCK`) is unique
@@ -64,7 +88,7 @@ class Unit:
     name: str
     path: str
     source: str
-    csv_samples: tuple[SampleRef, ...] | None = None
+    csv: CsvBlock | None = field(default=None, compare=False)
     csv_problems: Counter = field(default_factory=Counter, compare=False)  # rows dropped while reading the CSV
 
     def identity(self, key: str) -> str:
@@ -128,10 +152,10 @@ def list_units(source: str, configured_format: str = "auto", csv_separator: str 
 
 def unit_samples(unit: Unit, problems: Counter) -> tuple[SampleRef, ...]:
     """The samples of a unit in order; a broken or truncated shard, or undecodable CSV rows, count their problem."""
-    if unit.csv_samples is None:
+    if unit.csv is None:
         return index_shard(unit.path, problems)
     problems.update(unit.csv_problems)
-    return unit.csv_samples
+    return unit.csv.samples(Path(unit.path).parent)
 
 
 def read_sample(path: str, ref: SampleRef, handle: BinaryIO | None = None) -> RawSample:
@@ -214,26 +238,11 @@ def index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
 
 
 def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> list[Unit]:
-    captions: dict[str, list[str]] = {}
-    problems: Counter = Counter()
-    # undecodable bytes become lone surrogates, so a row that is not UTF-8 is found and dropped on its own
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.DictReader(handle, delimiter=separator)
-        missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ConfigError(f"{path}: column {missing[0]!r} not found (columns: {reader.fieldnames})")
-        for row in reader:
-            image, caption = row[img_key] or "", row[caption_key] or ""
-            if not is_utf8(image + caption):
-                problems["invalid_utf8"] += 1
-                continue
-            lines = captions.setdefault(image, [])
-            if caption.strip():
-                lines.append(caption)
-    root = Path(path).parent
-    refs = [SampleRef(key, image_path=str(root / key), captions=tuple(lines)) for key, lines in captions.items()]
-    source = csv_source(path)
-    return [Unit(f"{source}/{start // CSV_UNIT_SIZE:06d}", path, source, tuple(refs[start:start + CSV_UNIT_SIZE]),
-                 problems if start == 0 else Counter())
-            for start in range(0, max(len(refs), 1), CSV_UNIT_SIZE)]
-
+    table = CsvTable.read(path, separator, img_key, caption_key)
+    rows, starts = table.image_rows()
+    images, source = len(starts) - 1, csv_source(path)
+    invalid = Counter(invalid_utf8=len(table) - len(rows))  # a row that is not UTF-8 is dropped on its own
+    return [Unit(f"{source}/{start // CSV_UNIT_SIZE:06d}", path, source,
+                 CsvBlock(table, rows, starts, start, min(start + CSV_UNIT_SIZE, images)),
+                 +invalid if start == 0 else Counter())
+            for start in range(0, max(images, 1), CSV_UNIT_SIZE)]

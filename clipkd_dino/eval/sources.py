@@ -94,7 +94,7 @@ def read_pairs(source: str, data_format: str = "auto", separator: str = "\t", im
                             "skips it)")
         problems.update(found)
         for ref in refs:
-            image, lines, reason = _csv_sample(ref) if unit.csv_samples is not None else _shard_sample(unit.path, ref)
+            image, lines, reason = _csv_sample(ref) if unit.csv is not None else _shard_sample(unit.path, ref)
             if reason:
                 skip_or_raise(problems, reason, f"{unit.path}: sample {ref.key!r} {SAMPLE_FAULTS[reason]}", skip_bad)
                 continue
@@ -104,7 +104,7 @@ def read_pairs(source: str, data_format: str = "auto", separator: str = "\t", im
             captions.extend(lines)
     if not names:
         raise UserError(f"{source}: no samples")
-    kind = "csv" if units[0].csv_samples is not None else "webdataset"
+    kind = "csv" if units[0].csv is not None else "webdataset"
     return RetrievalSet(Path(source), images, captions, owner, names, format=kind, problems=dict(problems))
 
 
