@@ -58,7 +58,8 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
                                           final: tuple[str, str] | None = None,
                                           stop: signal.Signals = signal.SIGKILL) -> None:
     """Train CONFIG uninterrupted; train it again, stop it once past `kill_after_step`, resume with
-    `--resume latest`; assert the two runs end with identical weights. The config's output dir is the run's.
+    `--resume latest` (`resume_latest`); assert the two runs end with identical weights. The config's output dir is
+    the run's.
 
     `command`: the CLI command that trains (`train`, or `cls train`); `final`: (checkpoint file name, weights key)
     of the last weights, default (epoch_{epochs}.pt, state_dict). `stop`: SIGKILL (sent once latest.pt has passed the
@@ -88,15 +89,33 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     killed_at = torch.load(latest, weights_only=True)
     assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
 
-    resumed = clipkd(*command, str(config), "--resume", "latest")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert steps[-1] == total_steps and killed_at["step"] + 1 in steps
+    resume_latest(config, command, killed_at["step"], total_steps)
     name, key = final or (f"epoch_{raw['train']['epochs']}.pt", "state_dict")
     resumed_weights = torch.load(run_dir / "checkpoints" / name, weights_only=True)[key]
     expected = torch.load(tmp_path / "reference" / "checkpoints" / name, weights_only=True)[key]
     for tensor_name, tensor in expected.items():
         torch.testing.assert_close(resumed_weights[tensor_name], tensor, msg=tensor_name)
+
+
+def resume_latest(config: Path, command: tuple[str, ...], saved_step: int, total_steps: int) -> None:
+    """`COMMAND CONFIG --resume latest` (in this process) after a run of CONFIG stopped with `saved_step` steps in
+    latest.pt; asserts that it says where it resumes and that its own log lines are those of the steps after the
+    saved one (training is deterministic: a run that ignored `--resume` and started again from step 0 would also end
+    with the weights of an uninterrupted run). Log steps increase across log.jsonl, apart from those the stopped run
+    logged after its last save."""
+    import yaml
+
+    train = yaml.safe_load(config.read_text())["train"]
+    log = Path(train["output_dir"]) / "log.jsonl"
+    logged_before = len(log.read_text().splitlines())
+    resumed = clipkd(*command, str(config), "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at step {saved_step} " in resumed.stderr
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    every = train["log_every_steps"]
+    assert steps[logged_before:] == [s for s in range(saved_step + 1, total_steps + 1) if s == 1 or s % every == 0]
+    kept = [s for s in steps[:logged_before] if s <= saved_step] + steps[logged_before:]
+    assert kept == sorted(set(kept)), "log steps must increase, apart from those logged after the last save"
 
 
 def label_toyworld(toyworld_dir: Path, out: Path, data: Path, **settings) -> Path:

@@ -16,6 +16,7 @@ skipped (`train.max_nonfinite_steps` in a row stop the run); one run per output 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -262,6 +263,9 @@ class ClsTrainer:
         self.best_top1 = state["best_top1"]
         self.skipped.update(state["skipped"])
         self.seen = state["seen"]
+        if self.dist.is_main:
+            print(f"resuming at step {self.step} (epoch {self.epoch + 1}, batch {self.batch})", file=sys.stderr,
+                  flush=True)
 
 
 def train_classifier(config: ClsConfig, resume: str | None = None) -> dict[str, Any]:
