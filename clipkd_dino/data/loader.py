@@ -87,15 +87,20 @@ def batches(loader: DataLoader, setting: str) -> Iterator:
     """The loader's batches; a batch that does not arrive within the loader's timeout ends the command with a
     UserError naming `setting` (the worker's own error, when it raised one, comes through as it is)."""
     iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except RuntimeError as error:
-            if "timed out" not in str(error):
-                raise
-            raise UserError(f"no batch from the data loader's workers in {loader.timeout:.0f} s: a worker is stuck "
-                            f"or lost its batch (e.g. too many open files: `ulimit -n`); raise {setting} if "
-                            "batches are that slow") from None
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as error:
+                if "timed out" not in str(error):
+                    raise
+                raise UserError(f"no batch from the data loader's workers in {loader.timeout:.0f} s: a worker is "
+                                f"stuck or lost its batch (e.g. too many open files: `ulimit -n`); raise {setting} "
+                                "if batches are that slow") from None
+            yield batch
+    finally:  # now, not when an error's traceback lets go of this frame (a later fork could inherit the workers)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -30,11 +30,41 @@ class DistInfo:
 
 
 _joined_group = False  # whether this process has joined a torchrun process group (see `finish_process`)
+SLURM_DEFAULT_PORT = 29500  # MASTER_PORT of an srun job that sets none: 29500 + SLURM_JOB_ID % 10000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list, as `scontrol show hostnames` would print it first:
+    `gpu[007-010,012],cpu1` -> `gpu007`."""
+    head = nodelist.split(",", 1)[0]
+    if "[" not in head:
+        return head
+    prefix, ranges = nodelist[:nodelist.index("]")].split("[", 1)
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def adopt_slurm_environment(environ: dict[str, str] = os.environ) -> bool:
+    """Describe a job started by `srun` (one task per GPU, no torchrun) as torchrun would: RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE (or
+    SLURM_TASKS_PER_NODE's first count); MASTER_ADDR and MASTER_PORT kept when set, else the first host of
+    SLURM_JOB_NODELIST and `SLURM_DEFAULT_PORT + SLURM_JOB_ID % 10000`. Nothing changes under torchrun (RANK is
+    set) or outside a multi-task SLURM step. Returns whether the environment was adopted."""
+    if "RANK" in environ or int(environ.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in environ:
+        return False
+    per_node = environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "1")
+    environ.update(RANK=environ["SLURM_PROCID"], WORLD_SIZE=environ["SLURM_NTASKS"],
+                   LOCAL_RANK=environ.get("SLURM_LOCALID", "0"),
+                   LOCAL_WORLD_SIZE=per_node.split("(")[0].split(",")[0])
+    environ.setdefault("MASTER_ADDR", first_host(environ.get("SLURM_JOB_NODELIST", "localhost")))
+    environ.setdefault("MASTER_PORT", str(SLURM_DEFAULT_PORT + int(environ.get("SLURM_JOB_ID", "0")) % 10000))
+    return True
 
 
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group that torchrun describes in the environment; a single process otherwise."""
+    """Join the process group that torchrun (or srun, see `adopt_slurm_environment`) describes in the environment;
+    a single process otherwise."""
     global _joined_group
+    adopt_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()

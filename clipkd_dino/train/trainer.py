@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import socket
 import sys
 import time
 from collections import Counter
@@ -179,6 +180,7 @@ class Trainer:
                 "epochs": self.config.train.epochs,
                 "steps": self.position.step,
                 "processes": self.dist.world_size,
+                "hosts": sorted(set(gathered_objects(socket.gethostname()))),  # the nodes of the job
                 "global_batch": global_batch,
                 "data_epochs": self.data.epochs,  # exact (each sample once an epoch) or resampled
                 "contrastive_batch": global_batch,  # the contrastive terms see every micro-batch of the step
