@@ -283,7 +283,7 @@ def test_sigterm_keeps_finished_units_and_the_rerun_labels_the_rest(labelled, to
 
     def sigterm_after_the_fifth(self, batch, pending):  # the first shard's 32 samples, then 7 of the second
         label_batch(self, batch, pending)
-        batches.append(len(batch))
+        batches.append(len(batch.samples))
         if len(batches) == 5:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the cached views (default: 0)")
     parser.add_argument("--batch-size", type=int, default=256, help="default: 256")
     parser.add_argument("--workers", type=int, default=2, help="image loader processes (default: 2)")
+    parser.add_argument("--worker-timeout", type=float, metavar="SECONDS",
+                        help="stop with an error when the loader workers deliver no batch for this long (default: "
+                             "data/loader.py's DEFAULT_TIMEOUT, 600; 0: wait for ever)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (CUDA) (default: fp32)")
     parser.add_argument("--search", default="torch", choices=("torch", "faiss"),
@@ -64,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from clipkd_dino.data.faults import format_skipped
+    from clipkd_dino.data.loader import DEFAULT_TIMEOUT
     from clipkd_dino.errors import UserError
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         cache_dtype=args.cache_dtype, crop_scale=list(args.crop_scale), hflip=args.hflip, seed=args.seed,
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         search=args.search, data_format=args.data_format, csv_separator=args.csv_separator,
-        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, max_bad_fraction=args.max_bad_fraction)
+        csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, max_bad_fraction=args.max_bad_fraction,
+        worker_timeout=DEFAULT_TIMEOUT if args.worker_timeout is None else args.worker_timeout)
     summary = label_dataset(settings)
     if summary:
         print(f"labelled {summary['labelled']} of {summary['samples']} images into {summary['classes']} classes "

@@ -37,11 +37,12 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from tqdm import tqdm
 
 from clipkd_dino.data.faults import BadSample, check_max_bad_fraction, enforce_bad_fraction, load_image
 from clipkd_dino.data.identity import SampleIndex, identity_hashes
+from clipkd_dino.data.loader import DEFAULT_TIMEOUT, batches, check_shared_memory, data_loader
 from clipkd_dino.data.samples import Unit, list_units, read_sample, unit_samples
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import UserError
@@ -50,7 +51,6 @@ from clipkd_dino.teacher import cache as cache_files
 from clipkd_dino.teacher import labels as label_files
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, SparseSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
-from clipkd_dino.runtime import init_data_worker
 from clipkd_dino.shipped import CONCEPTS
 from clipkd_dino.train.guard import StopSignals
 
@@ -58,6 +58,7 @@ DEFAULT_TEMPLATES = CONCEPTS / "prompts.json"
 PARTS_DIR = "parts"
 WAIT_POLL_SECONDS = 2.0  # rank 0 looks for the other ranks' parts this often
 MERGE_CHUNK = 1 << 20  # rows per chunk when the merge renumbers labels
+LOADER_PREFETCH = 2  # batches in flight per loader worker
 
 
 @dataclass
@@ -89,6 +90,7 @@ class LabelSettings:
     csv_img_key: str = "filepath"
     csv_caption_key: str = "title"
     max_bad_fraction: float | None = None  # stop once more than this fraction of the samples seen were bad
+    worker_timeout: float = DEFAULT_TIMEOUT  # seconds a batch may take to come from the loader workers (0: none)
 
 
 def read_templates(path: str | None) -> list[str]:
@@ -125,6 +127,7 @@ def check_settings(settings: LabelSettings) -> None:
         (settings.cache_views >= 0, "--cache-views must be >= 0"),
         (settings.batch_size >= 1, "--batch-size must be >= 1"),
         (settings.workers >= 0, "--workers must be >= 0"),
+        (settings.worker_timeout >= 0, "--worker-timeout must be >= 0"),
         (settings.cache_dtype in cache_files.DTYPES, f"--cache-dtype must be one of {sorted(cache_files.DTYPES)}"),
         (settings.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
         (settings.search in BACKENDS, f"--search must be one of {BACKENDS}"),
@@ -138,9 +141,9 @@ def check_settings(settings: LabelSettings) -> None:
 # ---------------------------------------------------------------------------------------------------- reading
 class _UnitStream(IterableDataset):
     """The samples of some units: DataLoader worker w reads units w, w + W, ... whole and in order, each sample
-    with its eval view, K replayable views, captions and ground truth; after a unit's last sample, an end marker
-    `{"unit": n, "end": problems}` (the faults met while indexing it). A unit that cannot be read at all (e.g. a
-    key repeated within a shard) gives `{"unit": n, "error": message}`."""
+    with its eval view [3, H, W], its K replayable views [K, 3, H, W] (when K > 0), captions and ground truth;
+    after a unit's last sample, an end marker `{"unit": n, "end": problems}` (the faults met while indexing it). A
+    unit that cannot be read at all (e.g. a key repeated within a shard) gives `{"unit": n, "error": message}`."""
 
     def __init__(self, units: list[tuple[int, Unit]], eval_transform, views: ViewSpec, num_views: int) -> None:
         self.units, self.eval_transform, self.views, self.num_views = units, eval_transform, views, num_views
@@ -171,8 +174,39 @@ class _UnitStream(IterableDataset):
             item["problem"] = bad.reason
             return item
         item["pixels"] = self.eval_transform(image)
-        item["views"] = [self.views(image, identity, k) for k in range(self.num_views)]
+        if self.num_views:
+            item["views"] = torch.stack([self.views(image, identity, k) for k in range(self.num_views)])
         return item
+
+
+@dataclass
+class _Batch:
+    """A loader batch as a few tensors (each tensor a worker hands over is one shared-memory file descriptor):
+    `samples`, in stream order, are plain Python (unit, identity, captions, truth, problem; pickled); `pixels`
+    [V, 3, H, W] and `views` [V, K, 3, H, W] stack the V readable samples (those without a problem), in order;
+    None when V = 0 (views: or K = 0). `markers`: the unit end and error markers of the batch."""
+
+    samples: list[dict]
+    markers: list[dict]
+    pixels: torch.Tensor | None
+    views: torch.Tensor | None
+
+    def pin_memory(self) -> "_Batch":
+        """What the DataLoader calls on a custom batch when it pins memory."""
+        return _Batch(self.samples, self.markers, *(None if t is None else t.pin_memory()
+                                                    for t in (self.pixels, self.views)))
+
+
+def _collate(items: list[dict]) -> _Batch:
+    """`_UnitStream` items -> one `_Batch` (in a worker, `default_collate` stacks straight into shared memory)."""
+    samples = [item for item in items if "identity" in item]
+    readable = [item for item in samples if "pixels" in item]
+
+    def stacked(key: str) -> torch.Tensor | None:
+        return default_collate([item.pop(key) for item in readable]) if readable and key in readable[0] else None
+
+    pixels, views = stacked("pixels"), stacked("views")
+    return _Batch(samples, [item for item in items if "identity" not in item], pixels, views)
 
 
 def _truth(metadata: dict | None) -> str:
@@ -270,7 +304,8 @@ class LabelPass:
         }
         # Everything a part depends on: a part written under other settings is redone, not reused.
         unit_inputs = {k: v for k, v in self.provenance["settings"].items()
-                       if k not in ("out", "batch_size", "workers", "device", "min_images", "max_bad_fraction")}
+                       if k not in ("out", "batch_size", "workers", "worker_timeout", "device", "min_images",
+                                    "max_bad_fraction")}
         self.digest = hashlib.sha256(json.dumps({**self.provenance, "settings": unit_inputs},
                                                 sort_keys=True).encode()).hexdigest()
 
@@ -293,10 +328,12 @@ class LabelPass:
         from clipkd_dino.runtime import autocast
 
         workers = min(self.settings.workers, len(todo))
-        loader = DataLoader(_UnitStream(todo, self.eval_transform, self.views, self.settings.cache_views),
-                            batch_size=self.settings.batch_size, num_workers=workers, collate_fn=list,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=init_data_worker,
-                            prefetch_factor=2 if workers else None)
+        # A batch in /dev/shm: float32 eval view and K views of every sample, [3, S, S] each.
+        batch_bytes = self.settings.batch_size * (1 + self.settings.cache_views) * 3 * self.views.size ** 2 * 4
+        check_shared_memory(batch_bytes, workers, LOADER_PREFETCH, "--batch-size, --workers or --cache-views")
+        loader = data_loader(_UnitStream(todo, self.eval_transform, self.views, self.settings.cache_views),
+                             workers=workers, prefetch=LOADER_PREFETCH, batch_size=self.settings.batch_size,
+                             collate_fn=_collate, timeout=self.settings.worker_timeout)
         units = dict(todo)
         pending: dict[int, _UnitResult] = {}
         skipped: Counter = Counter()  # this run's, for the progress bar and the max_bad_fraction stop
@@ -307,19 +344,19 @@ class LabelPass:
         # A stop signal is this rank's own (ranks label different numbers of batches, so no collective per batch;
         # torchrun forwards a SIGTERM to every rank).
         with StopSignals() as signals, autocast(self.device, self.settings.precision):
-            for batch in loader:
-                samples = [item for item in batch if "identity" in item]
-                for item in batch:
-                    if "error" in item:
-                        raise UserError(item["error"])
-                    if "identity" in item and item["unit"] not in pending:
+            for batch in batches(loader, "--worker-timeout"):
+                for marker in batch.markers:
+                    if "error" in marker:
+                        raise UserError(marker["error"])
+                for item in batch.samples:
+                    if item["unit"] not in pending:
                         pending[item["unit"]] = _UnitResult(units[item["unit"]], self.dim, self.device)
-                self._label_batch(samples, pending)
-                problems = [item["problem"] for item in samples if item["problem"]]
+                self._label_batch(batch, pending)
+                problems = [item["problem"] for item in batch.samples if item["problem"]]
                 skipped.update(problems)
-                seen += len(samples)
-                images += len(samples) - len(problems)
-                for end in (item for item in batch if "end" in item):
+                seen += len(batch.samples)
+                images += len(batch.samples) - len(problems)
+                for end in batch.markers:
                     result = pending.pop(end["unit"], None) or _UnitResult(units[end["unit"]], self.dim, self.device)
                     result.skipped.update(end["end"])
                     skipped.update(end["end"])
@@ -355,14 +392,14 @@ class LabelPass:
         except (OSError, json.JSONDecodeError):
             return False
 
-    def _label_batch(self, batch: list[dict], pending: dict[int, _UnitResult]) -> None:
-        valid = [item for item in batch if "pixels" in item]
-        for item in batch:
+    def _label_batch(self, batch: _Batch, pending: dict[int, _UnitResult]) -> None:
+        valid = [item for item in batch.samples if not item["problem"]]  # the rows of batch.pixels
+        for item in batch.samples:
             if item["problem"]:
                 pending[item["unit"]].skipped[item["problem"]] += 1
         if not valid:
             return
-        pixels = torch.stack([item["pixels"] for item in valid]).to(self.device, non_blocking=True)
+        pixels = batch.pixels.to(self.device, non_blocking=True)
         features = self.teacher.encode_image(pixels).float()
         nearest = nearest_concepts(F.normalize(features, dim=-1), self.concept_vectors, self.settings.search)
         labels = assign_labels(nearest, self.settings.min_score, self.settings.min_margin).to(self.device)
@@ -372,7 +409,7 @@ class LabelPass:
         caption_labels = torch.repeat_interleave(labels, torch.tensor(counts, device=self.device))
         views = None
         if self.settings.cache_views:
-            view_pixels = torch.stack([v for item in valid for v in item["views"]]).to(self.device)
+            view_pixels = batch.views.flatten(0, 1).to(self.device)  # sample-major, as the [V, K, D] result
             views = self.teacher.encode_image(view_pixels).float().view(len(valid), self.settings.cache_views, -1)
         # float64 rows keep concept ids exact (float32 would not beyond 2**24)
         rows = torch.stack([nearest.concept.double().cpu(), nearest.score.double().cpu(),
