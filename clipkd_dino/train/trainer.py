@@ -438,7 +438,8 @@ class Trainer:
         self.skipped.update(state["skipped"])
         self.seen, self.underfull = state.get("seen", 0), state.get("underfull", 0)
         if changed:  # each rank keeps its freshly seeded generator; the epoch goes on in proportion
-            done = state["batch_in_epoch"] / state.get("batches_per_epoch", state["batch_in_epoch"] or 1)
+            saved_batches = state.get("batches_per_epoch") or self.steps_per_epoch * self.config.optim.accum_steps
+            done = min(state["batch_in_epoch"] / saved_batches, 1.0)
             batch = round(done * self.steps_per_epoch) * self.config.optim.accum_steps
         else:
             set_random_state(state["rng"][self.dist.rank], self.device)
