@@ -68,6 +68,7 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
     max_nonfinite_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
+    shared_folder_timeout: float = 60.0  # seconds a rank waits to see a file another rank wrote in output_dir
     compile: bool = False  # run the objective (student, projectors, losses) under torch.compile
     compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager where inductor cannot build)
 
@@ -236,6 +237,7 @@ def check_values(config: Config) -> None:
     non_negative = {
         "data.workers": config.data.workers,
         "data.worker_timeout": config.data.worker_timeout,
+        "train.shared_folder_timeout": config.train.shared_folder_timeout,
         "optim.warmup_steps": config.optim.warmup_steps,
         "optim.weight_decay": config.optim.weight_decay,
         "train.checkpoint_every_steps": config.train.checkpoint_every_steps,

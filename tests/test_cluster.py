@@ -31,7 +31,9 @@ def test_slurm_node_lists_and_variables_map_to_torchrun_names():
     assert not adopt_slurm_environment(one_task) and "RANK" not in one_task
 
 
-def test_two_srun_tasks_without_torchrun_train_one_job(tmp_path, toyworld_dir):
+def srun_tasks(tmp_path, toyworld_dir, per_task: list[list[str]]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of `clipkd train CONFIG OVERRIDES` started as len(per_task) SLURM tasks on this machine
+    (SLURM's variables, no torchrun), task t with the overrides per_task[t]."""
     config = {"model": {"name": "toy-student"},
               "data": {"train": str(toyworld_dir / "train" / "shards"), "workers": 0, "augment": False},
               "optim": {"warmup_steps": 2},
@@ -41,15 +43,65 @@ def test_two_srun_tasks_without_torchrun_train_one_job(tmp_path, toyworld_dir):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    slurm = {"SLURM_NTASKS": "2", "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
+    slurm = {"SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "localhost",
              "MASTER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    tasks = [subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", "train", str(tmp_path / "config.yaml")],
-                              env=environ | slurm | {"SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)},
+    tasks = [subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", "train", str(tmp_path / "config.yaml"),
+                               *overrides],
+                              env=environ | slurm | {"SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+                                                     "SLURM_NTASKS": str(len(per_task))},
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for task in range(2)]
-    outputs = [task.communicate(timeout=300) for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+             for task, overrides in enumerate(per_task)]
+    errors = [task.communicate(timeout=300)[1] for task in tasks]
+    return [(task.returncode, stderr) for task, stderr in zip(tasks, errors)]
+
+
+def test_two_srun_tasks_without_torchrun_train_one_job(tmp_path, toyworld_dir):
+    results = srun_tasks(tmp_path, toyworld_dir, [[], []])
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     # 96 samples over 2 processes of batch 8: one job of 6 steps, not two single-process runs of 12
     assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
+
+
+def test_an_output_folder_one_node_does_not_see_is_an_error_naming_it(tmp_path, toyworld_dir):
+    """Two "nodes" whose train.output_dir are different folders (as a node-local path would be): both stop within
+    the deadline with one line naming the rank that does not see rank 0's files, before any training."""
+    elsewhere = tmp_path / "node1_local"
+    results = srun_tasks(tmp_path, toyworld_dir, [["train.shared_folder_timeout=2"],
+                                                  ["train.shared_folder_timeout=2", f"train.output_dir={elsewhere}"]])
+    host = socket.gethostname()
+    for (code, stderr), folder in zip(results, (tmp_path / "run", elsewhere)):
+        assert code == 2 and f"train.output_dir {folder} is not one folder for the whole job: {host} (rank 1) did " \
+                              f"not see the file rank 0 ({host}) wrote there within 2 s" in stderr, stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() and not list((tmp_path / "run").glob(".clipkd-shared-*"))
+
+
+def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch):
+    """The labelling merge waits for the other ranks' parts on the file system: no new part for --parts-timeout
+    seconds is an error naming the missing units and their ranks, not a wait for ever."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from clipkd_dino.data.samples import Unit
+    from clipkd_dino.errors import UserError
+    from clipkd_dino.teacher import label_pass
+
+    monkeypatch.setattr(label_pass, "WAIT_POLL_SECONDS", 0.05)
+    units = [Unit(f"cc3m/{n:06d}", f"/data/{n:06d}.tar", "cc3m") for n in range(4)]
+    done = {units[0].name, units[2].name}  # rank 0's units of 2 ranks; rank 1's never come
+    looks = []
+
+    def part_done(unit: Unit) -> bool:
+        looks.append(unit)
+        assert len(looks) < 2000, "rank 0 waits for ever"
+        return unit.name in done
+
+    waiting = SimpleNamespace(units=units, parts=tmp_path / "parts", dist=SimpleNamespace(world_size=2),
+                              settings=SimpleNamespace(parts_timeout=0.3), _done=part_done)
+    with pytest.raises(UserError, match=r"no new part in .*parts for 0.3 s: 2 units of ranks \[1\] are missing "
+                                        r"\(e.g. cc3m~000001.json\)"):
+        label_pass.LabelPass._wait_for_parts(waiting)
+    done.update({units[1].name, units[3].name})
+    label_pass.LabelPass._wait_for_parts(waiting)  # all there: returns at once

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--worker-timeout", type=float, metavar="SECONDS",
                         help="stop with an error when the loader workers deliver no batch for this long (default: "
                              "data/loader.py's DEFAULT_TIMEOUT, 600; 0: wait for ever)")
+    parser.add_argument("--parts-timeout", type=float, default=3600.0, metavar="SECONDS",
+                        help="under torchrun: stop with an error when rank 0 sees no new part from the other ranks "
+                             "for this long (default: 3600)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 (CUDA) (default: fp32)")
     parser.add_argument("--search", default="torch", choices=("torch", "faiss"),
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, workers=args.workers, device=args.device, precision=args.precision,
         search=args.search, data_format=args.data_format, csv_separator=args.csv_separator,
         csv_img_key=args.csv_img_key, csv_caption_key=args.csv_caption_key, max_bad_fraction=args.max_bad_fraction,
-        worker_timeout=DEFAULT_TIMEOUT if args.worker_timeout is None else args.worker_timeout)
+        worker_timeout=DEFAULT_TIMEOUT if args.worker_timeout is None else args.worker_timeout,
+        parts_timeout=args.parts_timeout)
     summary = label_dataset(settings)
     if summary:
         print(f"labelled {summary['labelled']} of {summary['samples']} images into {summary['classes']} classes "

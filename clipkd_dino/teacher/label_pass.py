@@ -57,6 +57,8 @@ from clipkd_dino.train.guard import StopSignals
 DEFAULT_TEMPLATES = CONCEPTS / "prompts.json"
 PARTS_DIR = "parts"
 WAIT_POLL_SECONDS = 2.0  # rank 0 looks for the other ranks' parts this often
+PARTS_TIMEOUT = 3600.0  # a rank's unit may take long, but an hour without a new part means a rank is lost
+SHARED_FOLDER_TIMEOUT = 60.0  # seconds a rank waits to see the file rank 0 wrote in --out
 MERGE_CHUNK = 1 << 20  # rows per chunk when the merge renumbers labels
 LOADER_PREFETCH = 2  # batches in flight per loader worker
 
@@ -91,6 +93,7 @@ class LabelSettings:
     csv_caption_key: str = "title"
     max_bad_fraction: float | None = None  # stop once more than this fraction of the samples seen were bad
     worker_timeout: float = DEFAULT_TIMEOUT  # seconds a batch may take to come from the loader workers (0: none)
+    parts_timeout: float = PARTS_TIMEOUT  # seconds rank 0 waits with no new part from the other ranks
 
 
 def read_templates(path: str | None) -> list[str]:
@@ -128,6 +131,7 @@ def check_settings(settings: LabelSettings) -> None:
         (settings.batch_size >= 1, "--batch-size must be >= 1"),
         (settings.workers >= 0, "--workers must be >= 0"),
         (settings.worker_timeout >= 0, "--worker-timeout must be >= 0"),
+        (settings.parts_timeout > 0, "--parts-timeout must be > 0"),
         (settings.cache_dtype in cache_files.DTYPES, f"--cache-dtype must be one of {sorted(cache_files.DTYPES)}"),
         (settings.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
         (settings.search in BACKENDS, f"--search must be one of {BACKENDS}"),
@@ -266,13 +270,14 @@ class LabelPass:
         from clipkd_dino.concepts.pool import ConceptPool
         from clipkd_dino.eval.zeroshot import zeroshot_classifier
         from clipkd_dino.models.loading import load_clip, weights_digest
-        from clipkd_dino.train.distributed import init_process
+        from clipkd_dino.train.distributed import check_shared_folder, init_process
         from clipkd_dino.train.guard import OutputLock
 
         check_settings(settings)
         self.settings, self.out = settings, Path(settings.out)
         self.parts = self.out / PARTS_DIR
         self.device, self.dist = init_process(settings.device)
+        check_shared_folder(self.out, "--out", SHARED_FOLDER_TIMEOUT)  # rank 0 merges the parts every rank writes
         self.lock = OutputLock(self.out) if self.dist.is_main else None  # one labelling pass per output folder
         loaded = load_clip(settings.teacher, settings.teacher_pretrained, self.device)
         self.teacher = loaded.model.eval()
@@ -304,7 +309,8 @@ class LabelPass:
         }
         # Everything a part depends on: a part written under other settings is redone, not reused.
         unit_inputs = {k: v for k, v in self.provenance["settings"].items()
-                       if k not in ("out", "batch_size", "workers", "worker_timeout", "device", "min_images",
+                       if k not in ("out", "batch_size", "workers", "worker_timeout", "parts_timeout", "device",
+                                    "min_images",
                                     "max_bad_fraction")}
         self.digest = hashlib.sha256(json.dumps({**self.provenance, "settings": unit_inputs},
                                                 sort_keys=True).encode()).hexdigest()
@@ -440,10 +446,12 @@ class LabelPass:
 
     # ------------------------------------------------------------------------------------------------ the merge
     def _wait_for_parts(self) -> None:
-        """Rank 0 waits, on the file system, for the units of the other ranks (no collective, so no timeout)."""
-        missing = [unit for unit in self.units if not self._done(unit)]
+        """Rank 0 waits, on the file system, for the units of the other ranks (no collective, so no process-group
+        timeout); `parts_timeout` seconds without a new part end the pass with an error naming what is missing."""
+        missing = [(n, unit) for n, unit in enumerate(self.units) if not self._done(unit)]
         if not missing:
             return
+        last_part = time.monotonic()
         with StopSignals() as signals, tqdm(total=len(self.units), initial=len(self.units) - len(missing),
                                             unit="shard", desc="waiting for the other ranks") as progress:
             while missing:
@@ -451,9 +459,17 @@ class LabelPass:
                     raise signals.stopped(f"while waiting for {len(missing)} data units of other ranks",
                                           f"finished units are kept in {self.parts}",
                                           "run the same command again to finish")
+                if time.monotonic() - last_part > self.settings.parts_timeout:
+                    ranks = sorted({n % self.dist.world_size for n, _ in missing})
+                    raise UserError(f"no new part in {self.parts} for {self.settings.parts_timeout:g} s: "
+                                    f"{len(missing)} units of ranks {ranks} are missing (e.g. "
+                                    f"{_part(self.parts, missing[0][1], '.json').name}); finished units are kept, "
+                                    "run the same command again to finish (--parts-timeout sets the wait)")
                 time.sleep(WAIT_POLL_SECONDS)
-                still = [unit for unit in missing if not self._done(unit)]
-                progress.update(len(missing) - len(still))
+                still = [(n, unit) for n, unit in missing if not self._done(unit)]
+                if len(still) < len(missing):
+                    progress.update(len(missing) - len(still))
+                    last_part = time.monotonic()
                 missing = still
 
     def _metas(self, desc: str) -> Iterator[tuple[Unit, dict]]:

@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import secrets
+import socket
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
+
+from clipkd_dino.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,33 @@ def _restart_store() -> dist.Store | None:
         return None
     store, _, _ = next(dist.rendezvous("env://"))
     return dist.PrefixStore(f"clipkd/attempt_{attempt}", store)
+
+
+def check_shared_folder(folder: Path, setting: str, timeout: float, poll: float = 0.2) -> None:
+    """Every process of the job sees the same `folder` (the one `setting` names): rank 0 writes a file of a random
+    name there, each other rank waits for it at most `timeout` seconds, and all learn who saw it (two collectives).
+    A UserError naming the hosts and ranks that did not, on every rank; nothing in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    nonce = gathered_objects(secrets.token_hex(8))[0]
+    probe = Path(folder) / f".clipkd-shared-{nonce}"
+    if dist.get_rank() == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(nonce)
+    deadline = time.monotonic() + timeout
+    seen = dist.get_rank() == 0
+    while not seen and time.monotonic() < deadline:
+        seen = probe.is_file() and probe.read_text() == nonce
+        if not seen:
+            time.sleep(poll)
+    reports = gathered_objects((socket.gethostname(), dist.get_rank(), seen))
+    if dist.get_rank() == 0:
+        probe.unlink()
+    blind = [f"{host} (rank {rank})" for host, rank, ok in reports if not ok]
+    if blind:
+        raise UserError(f"{setting} {folder} is not one folder for the whole job: {', '.join(blind)} did not see the "
+                        f"file rank 0 ({reports[0][0]}) wrote there within {timeout:g} s; put it on a file system "
+                        "every node shares")
 
 
 def init_process(device_name: str) -> tuple[torch.device, DistInfo]:

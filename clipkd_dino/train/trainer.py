@@ -42,8 +42,8 @@ from clipkd_dino.models import create_model, get_tokenizer, image_transforms, mo
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import (gathered_objects, gathered_tensors, init_process, known_batch_sizes,
-                                           shutdown_distributed, summed_counts)
+from clipkd_dino.train.distributed import (check_shared_folder, gathered_objects, gathered_tensors, init_process,
+                                           known_batch_sizes, shutdown_distributed, summed_counts)
 from clipkd_dino.data.faults import bad_fraction_exceeded
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
@@ -116,6 +116,7 @@ class Trainer:
         self.output_dir = Path(config.train.output_dir)
         resume_path = resolve_resume(resume, self.output_dir) if resume else None
         self.device, self.dist = init_process(config.train.device)
+        check_shared_folder(self.output_dir, "train.output_dir", config.train.shared_folder_timeout)
         device = self.device
 
         torch.manual_seed(config.train.seed)
