@@ -46,11 +46,26 @@ def clipkd(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def torchrun_cli(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node NPROC -m clipkd_dino.cli ARGS` on the CPU (gloo)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "clipkd_dino.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+def torchrun_cli(nproc: int, *args: str, timeout: float = 300, nodes: int = 1) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node NPROC -m clipkd_dino.cli ARGS` on the CPU (gloo). With `nodes` > 1, that many
+    torchrun agents on this machine act as the nodes of one job (`--nnodes`, c10d rendezvous on localhost), NPROC
+    processes in all; the result holds the highest exit code and every agent's output."""
+    if nodes == 1:
+        launch = [["--standalone", "--nproc_per_node", str(nproc)]]
+    else:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("localhost", 0))
+            port = probe.getsockname()[1]
+        launch = [["--nnodes", str(nodes), "--nproc_per_node", str(nproc // nodes), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "clipkd-test"]] * nodes
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *options, "-m", "clipkd_dino.cli",
+                                *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+              for options in launch]
+    outputs = [agent.communicate(timeout=timeout) for agent in agents]
+    return subprocess.CompletedProcess(args, max(agent.returncode for agent in agents),
+                                       "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
 
 def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int, total_steps: int,

@@ -1,4 +1,6 @@
-"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) form one job."""
+"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) and torchrun agents on
+several "nodes" form one job; an output folder a node does not share, and a lost labelling rank, end with an error
+within a deadline."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 import yaml
 
 from clipkd_dino.train.distributed import adopt_slurm_environment, first_host
-from conftest import REPO
+from conftest import REPO, torchrun_cli
 
 
 def test_slurm_node_lists_and_variables_map_to_torchrun_names():
@@ -31,15 +33,20 @@ def test_slurm_node_lists_and_variables_map_to_torchrun_names():
     assert not adopt_slurm_environment(one_task) and "RANK" not in one_task
 
 
-def srun_tasks(tmp_path, toyworld_dir, per_task: list[list[str]]) -> list[tuple[int, str]]:
-    """(exit code, stderr) of `clipkd train CONFIG OVERRIDES` started as len(per_task) SLURM tasks on this machine
-    (SLURM's variables, no torchrun), task t with the overrides per_task[t]."""
+def write_config(tmp_path, toyworld_dir) -> None:
+    """TMP/config.yaml: one epoch of the toy student on toyworld's 96 shard samples, batch 8, output TMP/run."""
     config = {"model": {"name": "toy-student"},
               "data": {"train": str(toyworld_dir / "train" / "shards"), "workers": 0, "augment": False},
               "optim": {"warmup_steps": 2},
               "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "output_dir": str(tmp_path / "run"),
                         "log_every_steps": 100, "eval_every_epochs": 0}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def srun_tasks(tmp_path, toyworld_dir, per_task: list[list[str]]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of `clipkd train CONFIG OVERRIDES` started as len(per_task) SLURM tasks on this machine
+    (SLURM's variables, no torchrun), task t with the overrides per_task[t]."""
+    write_config(tmp_path, toyworld_dir)
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
@@ -105,3 +112,12 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
         label_pass.LabelPass._wait_for_parts(waiting)
     done.update({units[1].name, units[3].name})
     label_pass.LabelPass._wait_for_parts(waiting)  # all there: returns at once
+
+
+def test_two_torchrun_agents_as_two_nodes_train_one_job(tmp_path, toyworld_dir):
+    """`torchrun --nnodes 2 --rdzv-backend c10d` on every "node" (two agents on this machine): one 2-process job."""
+    write_config(tmp_path, toyworld_dir)
+    result = torchrun_cli(2, "train", str(tmp_path / "config.yaml"), nodes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]

@@ -149,9 +149,9 @@ def _label_args(toyworld_dir: Path, out: Path, pool: Path, *extra: str) -> list[
             "--batch-size", "40", "--device", "cpu", *extra]
 
 
-def _label(toyworld_dir: Path, out: Path, pool: Path, *extra: str, nproc: int = 1):
+def _label(toyworld_dir: Path, out: Path, pool: Path, *extra: str, nproc: int = 1, nodes: int = 1):
     args = _label_args(toyworld_dir, out, pool, *extra)
-    result = torchrun_cli(nproc, *args) if nproc > 1 else clipkd(*args)
+    result = torchrun_cli(nproc, *args, nodes=nodes) if nproc > 1 else clipkd(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -232,10 +232,12 @@ def test_replayed_view_gives_the_cached_embedding(labelled, toyworld_dir):
 
 
 def test_torchrun_two_processes_equal_one(labelled, toyworld_dir, tmp_path):
+    """Two processes on two "nodes" (two torchrun agents, c10d rendezvous): the merged output equals one
+    process's."""
     out, pool = labelled
     two = tmp_path / "two"
     _label(toyworld_dir, two, pool, "--cache-views", "2", "--min-images", "3", "--crop-scale", "0.5", "1.0",
-           "--hflip", "0.5", nproc=2)
+           "--hflip", "0.5", nproc=2, nodes=2)
     one_labels, two_labels = load_labels(out), load_labels(two)
     assert one_labels.keys == two_labels.keys
     assert torch.equal(one_labels.labels, two_labels.labels)
