@@ -37,7 +37,8 @@ from clipkd_dino.files import write_json_atomic
 from clipkd_dino.runtime import autocast, init_data_worker
 from clipkd_dino.data.pairs import SkipFirst
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import global_min, init_process, shutdown_distributed, summed_counts
+from clipkd_dino.train.distributed import (check_shared_folder, global_min, init_process, shutdown_distributed,
+                                           summed_counts)
 from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
 from clipkd_dino.train.runlog import RunLog
@@ -89,6 +90,7 @@ class ClsTrainer:
         self.output_dir = Path(config.train.output_dir)
         resume_path = resolve_resume(resume, self.output_dir) if resume else None
         self.device, self.dist = init_process(config.train.device)
+        check_shared_folder(self.output_dir, "train.output_dir")
         device = self.device
         self.lock = OutputLock(self.output_dir) if self.dist.is_main else None
         torch.manual_seed(config.train.seed)

@@ -58,7 +58,6 @@ DEFAULT_TEMPLATES = CONCEPTS / "prompts.json"
 PARTS_DIR = "parts"
 WAIT_POLL_SECONDS = 2.0  # rank 0 looks for the other ranks' parts this often
 PARTS_TIMEOUT = 3600.0  # a rank's unit may take long, but an hour without a new part means a rank is lost
-SHARED_FOLDER_TIMEOUT = 60.0  # seconds a rank waits to see the file rank 0 wrote in --out
 MERGE_CHUNK = 1 << 20  # rows per chunk when the merge renumbers labels
 LOADER_PREFETCH = 2  # batches in flight per loader worker
 
@@ -277,7 +276,7 @@ class LabelPass:
         self.settings, self.out = settings, Path(settings.out)
         self.parts = self.out / PARTS_DIR
         self.device, self.dist = init_process(settings.device)
-        check_shared_folder(self.out, "--out", SHARED_FOLDER_TIMEOUT)  # rank 0 merges the parts every rank writes
+        check_shared_folder(self.out, "--out")  # rank 0 merges the parts every rank writes
         self.lock = OutputLock(self.out) if self.dist.is_main else None  # one labelling pass per output folder
         loaded = load_clip(settings.teacher, settings.teacher_pretrained, self.device)
         self.teacher = loaded.model.eval()

@@ -36,6 +36,7 @@ class DistInfo:
 
 
 _joined_group = False  # whether this process has joined a torchrun process group (see `finish_process`)
+SHARED_FOLDER_TIMEOUT = 60.0  # seconds a rank waits to see the probe file rank 0 wrote (check_shared_folder)
 SLURM_DEFAULT_PORT = 29500  # MASTER_PORT of an srun job that sets none: 29500 + SLURM_JOB_ID % 10000
 
 
@@ -101,7 +102,8 @@ def _restart_store() -> dist.Store | None:
     return dist.PrefixStore(f"clipkd/attempt_{attempt}", store)
 
 
-def check_shared_folder(folder: Path, setting: str, timeout: float, poll: float = 0.2) -> None:
+def check_shared_folder(folder: Path, setting: str,
+                        timeout: float = SHARED_FOLDER_TIMEOUT, poll: float = 0.2) -> None:
     """Every process of the job sees the same `folder` (the one `setting` names): rank 0 writes a file of a random
     name there, each other rank waits for it at most `timeout` seconds, and all learn who saw it (two collectives).
     A UserError naming the hosts and ranks that did not, on every rank; nothing in a single process."""
