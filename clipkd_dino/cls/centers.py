@@ -12,16 +12,17 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from clipkd_dino.cls.config import ClsConfig, check_cls_config
 from clipkd_dino.cls.data import build_data, collate_classification
 from clipkd_dino.data.faults import enforce_bad_fraction
+from clipkd_dino.data.loader import batches as loader_batches
+from clipkd_dino.data.loader import data_loader
 from clipkd_dino.errors import UserError
 from clipkd_dino.runtime import autocast, resolve_device
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, load_class_means, save_class_means
@@ -39,7 +40,7 @@ def load_teacher(config: ClsConfig, num_classes: int, device: torch.device) -> n
 
 
 @torch.no_grad()
-def teacher_class_means(teacher: nn.Module, loader: DataLoader, num_classes: int, correct_only: bool,
+def teacher_class_means(teacher: nn.Module, loader: Iterable, num_classes: int, correct_only: bool,
                         device: torch.device, precision: str = "fp32",
                         skipped: Counter | None = None) -> tuple[ClassSums, list[int], float]:
     """The teacher's pooled features summed per true class, the classes that fell back, its top-1 (%).
@@ -74,8 +75,9 @@ def compute_centers(config: ClsConfig) -> dict[str, Any]:
     device = resolve_device(config.train.device)
     data = build_data(config.data.dataset, config.data.root, config.data.train_limit, config.train.seed)
     teacher = load_teacher(config, data.num_classes, device)
-    loader = DataLoader(data.train_plain, batch_size=config.train.batch_size, shuffle=False,
-                        num_workers=config.data.workers, collate_fn=collate_classification)
+    loader = loader_batches(data_loader(data.train_plain, workers=config.data.workers,
+                                        batch_size=config.train.batch_size, collate_fn=collate_classification),
+                            "the data loader's timeout")
     skipped: Counter = Counter(data.skipped_at_load)
     sums, fallback, accuracy = teacher_class_means(teacher, loader, data.num_classes, config.centers.correct_only,
                                                    device, config.train.precision, skipped)

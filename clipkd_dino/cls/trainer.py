@@ -20,12 +20,12 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from clipkd_dino.cls.centers import load_teacher, read_centers
@@ -34,7 +34,9 @@ from clipkd_dino.cls.data import build_data, collate_classification
 from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.files import write_json_atomic
-from clipkd_dino.runtime import autocast, init_data_worker
+from clipkd_dino.runtime import autocast
+from clipkd_dino.data.loader import batches as loader_batches
+from clipkd_dino.data.loader import data_loader
 from clipkd_dino.data.pairs import SkipFirst
 from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
 from clipkd_dino.train.distributed import (check_shared_folder, global_min, init_process, shutdown_distributed,
@@ -64,7 +66,7 @@ def distiller_options(cfg: ClsDistillConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, loader: DataLoader, device: torch.device, precision: str) -> dict[str, float]:
+def accuracy(model: torch.nn.Module, loader: Iterable, device: torch.device, precision: str) -> dict[str, float]:
     """top-1 and top-5 (%) of `model` (returning {"logits": ...}) over `loader`."""
     model.eval()
     hits, seen = torch.zeros(2), 0
@@ -163,12 +165,12 @@ class ClsTrainer:
                 self.lock.release()
             shutdown_distributed()
 
-    def _loader(self, dataset, sampler=None, epoch: int = 0) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
-        return DataLoader(dataset, batch_size=self.config.train.batch_size, sampler=sampler,
-                          num_workers=self.config.data.workers, generator=generator, drop_last=sampler is not None,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False,
-                          collate_fn=collate_classification, worker_init_fn=init_data_worker)
+    def _loader(self, dataset, sampler=None, epoch: int = 0) -> Iterator:
+        """The batches of `dataset` through the one loader factory (a stuck worker is an error, not a hang)."""
+        loader = data_loader(dataset, workers=self.config.data.workers, batch_size=self.config.train.batch_size,
+                             sampler=sampler, drop_last=sampler is not None, collate_fn=collate_classification,
+                             seed=self.config.train.seed * 1_000_003 + epoch)
+        return loader_batches(loader, "the data loader's timeout")
 
     def _train_epoch(self) -> None:
         cfg = self.config
