@@ -1,6 +1,6 @@
-"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) and torchrun agents on
-several "nodes" form one job; an output folder a node does not share, and a lost labelling rank, end with an error
-within a deadline."""
+"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) form one job (torchrun
+agents as two "nodes": tests/test_teacher.py's two-process labelling); an output folder a node does not share, and
+a lost labelling rank, end with an error within a deadline."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import yaml
 
 from clipkd_dino.train.distributed import adopt_slurm_environment, first_host
-from conftest import REPO, torchrun_cli
+from conftest import REPO
 
 
 def test_slurm_node_lists_and_variables_map_to_torchrun_names():
@@ -113,11 +113,3 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
     done.update({units[1].name, units[3].name})
     label_pass.LabelPass._wait_for_parts(waiting)  # all there: returns at once
 
-
-def test_two_torchrun_agents_as_two_nodes_train_one_job(tmp_path, toyworld_dir):
-    """`torchrun --nnodes 2 --rdzv-backend c10d` on every "node" (two agents on this machine): one 2-process job."""
-    write_config(tmp_path, toyworld_dir)
-    result = torchrun_cli(2, "train", str(tmp_path / "config.yaml"), nodes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
