@@ -34,7 +34,7 @@ from clipkd_dino.distill.teachers import BatchTargets, CachedTeacher, OnlineTeac
 from clipkd_dino.models import create_model, get_tokenizer, image_size, model_config
 from clipkd_dino.runtime import resolve_device
 from clipkd_dino.teacher.cache import to_numpy
-from clipkd_dino.train.objectives import CLIPObjective
+from clipkd_dino.distill.objectives import CLIPObjective
 from timing import seconds_per_step
 
 PAIRS = {"toy": ("toy-teacher", "toy-student"), "ViT-B-16": ("ViT-B-16", "ViT-T-16")}
@@ -128,7 +128,7 @@ def trainer_row(args: argparse.Namespace, device: torch.device) -> None:
     import yaml
 
     from clipkd_dino.config import load_config
-    from clipkd_dino.data.toyworld import KINDS, generate
+    from clipkd_dino.toyworld.generate import KINDS, generate
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
     from clipkd_dino.train.trainer import Trainer
 

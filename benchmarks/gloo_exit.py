@@ -23,7 +23,7 @@ WORKER = """
 import sys
 import torch
 import torch.distributed as dist
-from clipkd_dino.train.distributed import finish_process, init_distributed
+from clipkd_dino.engine.distributed import finish_process, init_distributed
 
 init_distributed("cpu")
 model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))

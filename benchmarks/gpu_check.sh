@@ -17,7 +17,7 @@ tmp="$(mktemp -d)"
   "data.val_zeroshot=$tmp/tw/val/zeroshot" train.epochs=1 train.precision=bf16 "train.output_dir=$tmp/run" 2>&1 \
   | grep -v "batch/s" | tail -8
 .venv/bin/clipkd label --teacher toy-teacher --teacher-pretrained assets/toy_teacher.pt \
-  --concepts <(.venv/bin/python -c "import json; from clipkd_dino.data.toyworld import KINDS; print(json.dumps({'format': 'clipkd-concept-pool', 'version': 1, 'concepts': [{'concept': k, 'count': 1} for k in KINDS]}))") \
+  --concepts <(.venv/bin/python -c "import json; from clipkd_dino.toyworld.generate import KINDS; print(json.dumps({'format': 'clipkd-concept-pool', 'version': 1, 'concepts': [{'concept': k, 'count': 1} for k in KINDS]}))") \
   --data "$tmp/tw/train/shards" --templates "$tmp/tw/val/zeroshot/templates.json" --cache-views 2 \
   --crop-scale 0.8 1.0 --device cuda --precision bf16 --out "$tmp/labels" 2>&1 | tail -1
 .venv/bin/clipkd train configs/toy_distill.yaml "data.train=$tmp/tw/train/shards" \

@@ -221,7 +221,7 @@ def main() -> None:
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.as_rank:
-        from clipkd_dino.train.distributed import finish_process
+        from clipkd_dino.engine.distributed import finish_process
 
         rank_main(args)
         sys.exit(finish_process(0))

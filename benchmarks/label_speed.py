@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from clipkd_dino.data.toyworld import KINDS, generate
+from clipkd_dino.toyworld.generate import KINDS, generate
 from clipkd_dino.eval.encode import encode_images, encode_texts
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms
 from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset

@@ -37,7 +37,7 @@ from torchvision import transforms as T
 
 from clipkd_dino.config import DataConfig
 from clipkd_dino.data.pairs import PairImages, TrainData
-from clipkd_dino.data.toyworld import generate
+from clipkd_dino.toyworld.generate import generate
 from clipkd_dino.models import get_tokenizer
 
 SHARD_SIZE = 250

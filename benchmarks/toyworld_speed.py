@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from clipkd_dino.data.toyworld import generate
+from clipkd_dino.toyworld.generate import generate
 
 
 def main() -> None:

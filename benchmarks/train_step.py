@@ -15,7 +15,7 @@ import torch
 
 from clipkd_dino.models import create_model, get_tokenizer, image_size
 from clipkd_dino.runtime import resolve_device
-from clipkd_dino.train.objectives import CLIPObjective
+from clipkd_dino.distill.objectives import CLIPObjective
 from timing import seconds_per_step
 
 

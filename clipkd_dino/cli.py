@@ -15,13 +15,13 @@ from clipkd_dino import __version__
 from clipkd_dino.errors import RunStopped, UserError
 
 COMMAND_MODULES = (
-    "clipkd_dino.data.commands",
+    "clipkd_dino.toyworld.commands",
     "clipkd_dino.concepts.commands",
     "clipkd_dino.teacher.commands",
     "clipkd_dino.train.commands",
     "clipkd_dino.eval.commands",
     "clipkd_dino.export",
-    "clipkd_dino.cls.commands",
+    "clipkd_dino.classify.commands",
     "clipkd_dino.demo",
 )
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clipkd {args.command}: interrupted", file=sys.stderr)
         code = 130
     gc.collect()  # loaders and their worker processes, freed while the interpreter is whole
-    from clipkd_dino.train.distributed import finish_process
+    from clipkd_dino.engine.distributed import finish_process
 
     return finish_process(code)
 

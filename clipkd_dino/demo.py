@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="where runs, labels, plots and the report go (default: runs/demo, "
                                       "runs/demo_cls with --cls)")
     parser.add_argument("--cls", action="store_true", help="the classification mode instead: a CNN teacher, its "
-                        "class means and KD / KD++ students on scikit-learn's digits (clipkd_dino/cls/demo.py)")
+                        "class means and KD / KD++ students on scikit-learn's digits (clipkd_dino/classify/demo.py)")
     parser.add_argument("--smoke", action="store_true", help="every stage on tiny data (about 2 minutes)")
     parser.add_argument("--seeds", type=int, help="students per variant, mean and sd reported (default: 1; 3 with "
                                                     "--cls)")
@@ -88,7 +88,7 @@ def student_shards(data: Path, count: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------- stages
 def make_data(data: Path, scale: Scale) -> None:
-    from clipkd_dino.data.toyworld import generate
+    from clipkd_dino.toyworld.generate import generate
 
     if not (data / "toyworld.json").is_file():
         print(f"[demo] generating toyworld in {data}")
@@ -200,7 +200,7 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     from clipkd_dino.teacher import load_labels
     from clipkd_dino.teacher.label_pass import read_templates
     from clipkd_dino.teacher.search import nearest_concepts
-    from clipkd_dino.train.checkpoint import load_checkpoint
+    from clipkd_dino.engine.checkpoint import load_checkpoint
 
     device = resolve_device(device)
     images = read_retrieval_file(data / "val" / "retrieval.jsonl").images
@@ -413,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise UserError("--seeds must be >= 1")
     if args.cls:
-        from clipkd_dino.cls.demo import run_cls_demo
+        from clipkd_dino.classify.demo import run_cls_demo
 
         run_cls_demo(Path(args.out or "runs/demo_cls"), args.seeds or 3, args.smoke, args.device)
         return 0

@@ -11,7 +11,7 @@ import torch
 from clipkd_dino.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a long job saves and stops on these (train/guard.py)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # a long job saves and stops on these (engine/guard.py)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

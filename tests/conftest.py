@@ -22,7 +22,7 @@ SHARED = REPO.parent / "shared"
 @pytest.fixture(scope="session")
 def toyworld_dir(tmp_path_factory) -> Path:
     """A 96-image train / 24-image val toyworld at 48 px (about a second to generate)."""
-    from clipkd_dino.data.toyworld import generate
+    from clipkd_dino.toyworld.generate import generate
 
     out = tmp_path_factory.mktemp("toyworld")
     generate(out, n_train=96, n_val=24, image_size=48, seed=0, workers=1, shard_size=32)
@@ -136,7 +136,7 @@ def resume_latest(config: Path, command: tuple[str, ...], saved_step: int, total
 def label_toyworld(toyworld_dir: Path, out: Path, data: Path, **settings) -> Path:
     """`clipkd label` (in this process) of toyworld `data` with the shipped toy teacher, its 16 kinds as the pool
     and toyworld's templates; returns the output folder."""
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import yaml
 
 import clipkd_dino.train.trainer as trainer_module
 from clipkd_dino.config import load_config
-from clipkd_dino.train.distributed import finish_process, gathered_objects, shutdown_distributed
+from clipkd_dino.engine.distributed import finish_process, gathered_objects, shutdown_distributed
 from clipkd_dino.train.trainer import Trainer
 
 TEACHER = Path(__file__).resolve().parents[1] / "assets" / "toy_teacher.pt"

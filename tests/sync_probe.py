@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 from clipkd_dino.config import load_config
-from clipkd_dino.train.distributed import finish_process
+from clipkd_dino.engine.distributed import finish_process
 from clipkd_dino.train.trainer import Trainer
 
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__format__", "__repr__", "__str__",

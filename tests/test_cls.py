@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from clipkd_dino.cls.config import METHODS, check_cls_config, load_cls_config
-from clipkd_dino.cls.data import build_data
+from clipkd_dino.classify.config import METHODS, check_cls_config, load_cls_config
+from clipkd_dino.classify.data import build_data
 from clipkd_dino.errors import ConfigError, UserError
 from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, torchrun_cli
 
@@ -61,8 +61,8 @@ def test_published_row_parses_and_names_its_target(path):
 @pytest.mark.parametrize("path", [p for p in ROWS if p.parent.name == "cifar100"], ids=lambda p: p.stem)
 def test_published_cifar_row_runs_a_training_step(path):
     """Every CIFAR row's distiller builds from its config and back-propagates (random weights, 4 images)."""
-    from clipkd_dino.cls.distillers import build_distiller
-    from clipkd_dino.cls.trainer import distiller_options
+    from clipkd_dino.classify.distillers import build_distiller
+    from clipkd_dino.classify.trainer import distiller_options
     from clipkd_dino.models.cnn import create_classifier
 
     config = load_cls_config(path)
@@ -156,7 +156,7 @@ def test_cifar100_python_folder(tmp_path):
 
 
 def test_toyworld_classification_split(toyworld_dir):
-    from clipkd_dino.data.toyworld_captions import KINDS
+    from clipkd_dino.toyworld.captions import KINDS
 
     data = build_data("toyworld", str(toyworld_dir))
     rows = [line.split("\t") for line in (toyworld_dir / "val" / "zeroshot" / "samples.csv").read_text().splitlines()[1:]]
@@ -177,7 +177,7 @@ def digits_teacher(tmp_path_factory) -> Path:
 
 
 def test_centers_equal_a_direct_computation(digits_teacher, tmp_path):
-    from clipkd_dino.cls.centers import compute_centers
+    from clipkd_dino.classify.centers import compute_centers
     from clipkd_dino.models.cnn import create_classifier, load_classifier_weights
     from clipkd_dino.teacher.class_means import load_class_means
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.cls.distillers import DKD, KD, ClassificationDistiller, ReviewKD, Vanilla, build_distiller
+from clipkd_dino.classify.distillers import DKD, KD, ClassificationDistiller, ReviewKD, Vanilla, build_distiller
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.losses import dino_loss, dkd_loss, hcl_loss, kd_loss, kd_warmup_factor
 

@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from clipkd_dino.train.distributed import adopt_slurm_environment, first_host
+from clipkd_dino.engine.distributed import adopt_slurm_environment, first_host
 from conftest import REPO
 
 

@@ -153,8 +153,8 @@ def test_verbs_read_as_nouns_do_not_enter_compounds(tmp_path):
 
 
 def test_toyworld_pool_is_its_sixteen_kinds(tmp_path):
-    from clipkd_dino.data.toyworld import generate
-    from clipkd_dino.data.toyworld_captions import KINDS
+    from clipkd_dino.toyworld.generate import generate
+    from clipkd_dino.toyworld.captions import KINDS
 
     generate(tmp_path, n_train=600, n_val=0, image_size=48, seed=0, workers=1, shard_size=200)
     pool = build_pool([str(tmp_path / "train" / "shards")], options(top_k=16))

@@ -32,9 +32,9 @@ def test_training_and_evaluation_on_cuda(tmp_path, toyworld_dir, precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_classification_kdpp_on_cuda(tmp_path, precision):
-    from clipkd_dino.cls.centers import compute_centers
-    from clipkd_dino.cls.config import load_cls_config
-    from clipkd_dino.cls.trainer import train_classifier
+    from clipkd_dino.classify.centers import compute_centers
+    from clipkd_dino.classify.config import load_cls_config
+    from clipkd_dino.classify.trainer import train_classifier
 
     digits = "configs/cls/digits"
     teacher = train_classifier(load_cls_config(f"{digits}/teacher.yaml", [

@@ -19,7 +19,7 @@ import yaml
 
 from clipkd_dino.config import load_config
 from clipkd_dino.errors import ConfigError
-from clipkd_dino.train.checkpoint import resolve_resume
+from clipkd_dino.engine.checkpoint import resolve_resume
 from clipkd_dino.train.trainer import Trainer
 from test_syncs import label_dir_shards  # noqa: F401  (the fixture: labels and a 2-view cache of the shards)
 from conftest import REPO
@@ -128,7 +128,7 @@ def test_finish_process_ends_a_process_of_a_group_with_its_code_and_its_output_f
     """A process that joined a group ends in `finish_process` (os._exit: no finalisation, where torch's gloo
     threads can abort it), with its exit code and what it printed; any other process gets its code back."""
     script = ("import atexit, sys\n"
-              "from clipkd_dino.train import distributed\n"
+              "from clipkd_dino.engine import distributed\n"
               "atexit.register(print, 'finalised')\n"
               "assert distributed.finish_process(3) == 3\n"
               "distributed._joined_group = True\n"

@@ -44,7 +44,7 @@ def test_sample_index_finds_rows_and_reports_repeated_identities(tmp_path):
 def joined(tmp_path_factory) -> tuple[Path, str, Path]:
     """Two toyworld sets drawn with different seeds (so the same key strings), joined with '::', labelled with a
     one-view cache: (root, data string, labelling output)."""
-    from clipkd_dino.data.toyworld import KINDS, generate
+    from clipkd_dino.toyworld.generate import KINDS, generate
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
 
     root = tmp_path_factory.mktemp("joined")
@@ -92,7 +92,7 @@ def test_each_sample_keeps_its_own_cached_embedding_and_label(joined):
     torch.testing.assert_close(cached, replayed, rtol=2e-3, atol=2e-3)
     # the two sets' samples with the same key string differ, so a mix-up could not pass the check above
     assert not torch.allclose(cached[:32], cached[32:], atol=1e-2)
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
     from clipkd_dino.eval.zeroshot import zeroshot_classifier
     from clipkd_dino.models import get_tokenizer
 

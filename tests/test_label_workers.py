@@ -24,7 +24,7 @@ OPEN_FILES = 1024  # the common soft limit; also the hard limit in the test, so 
 @pytest.fixture(scope="module")
 def toyworld_600(tmp_path_factory) -> Path:
     """600 toyworld images at 48 px in 4 shards (2 per loader worker), and a pool of the 16 kinds."""
-    from clipkd_dino.data.toyworld import generate
+    from clipkd_dino.toyworld.generate import generate
 
     out = tmp_path_factory.mktemp("toyworld_600")
     generate(out, n_train=600, n_val=8, image_size=48, seed=1, workers=1, shard_size=150)
@@ -85,7 +85,7 @@ def _label_with_one_worker(toyworld_dir: Path, out: Path, *extra: str):
 
 
 def _pool(path: Path) -> Path:
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
 
     path.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
                                 "concepts": [{"concept": k, "count": 1} for k in KINDS]}))

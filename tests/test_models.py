@@ -7,7 +7,7 @@ import json
 import open_clip
 import pytest
 
-from clipkd_dino.data.toyworld import vocabulary_words
+from clipkd_dino.toyworld.generate import vocabulary_words
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.models import create_model, get_tokenizer, model_config
 from clipkd_dino.models.factory import MODEL_CONFIG_DIR

@@ -17,7 +17,7 @@ import torch
 
 from clipkd_dino.config import load_config
 from clipkd_dino.errors import UserError
-from clipkd_dino.train.guard import OutputLock
+from clipkd_dino.engine.guard import OutputLock
 from clipkd_dino.train.trainer import Trainer
 from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, resume_latest
 from test_train import read_log, write_config
@@ -104,7 +104,7 @@ def test_a_streak_of_non_finite_steps_stops_the_run(tmp_path, toyworld_dir):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, toyworld_dir, monkeypatch):
-    import clipkd_dino.train.checkpoint as checkpoint
+    import clipkd_dino.engine.checkpoint as checkpoint
 
     trainer = Trainer(load_config(write_config(tmp_path, toyworld_dir, train={"checkpoint_every_steps": 5})))
     real_save, calls = torch.save, [0]

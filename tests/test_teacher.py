@@ -135,7 +135,7 @@ def test_views_are_a_pure_function_of_seed_key_and_index():
 
 # ----------------------------------------------------------------------------------------------- the pass, end to end
 def _kinds_pool(path: Path) -> Path:
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
 
     path.write_text(json.dumps({"format": "clipkd-concept-pool", "version": 1,
                                 "concepts": [{"concept": k, "count": 100 - i} for i, k in enumerate(KINDS)]}))
@@ -171,7 +171,7 @@ def test_class_means_and_labels_match_plain_open_clip(labelled, toyworld_dir):
     import open_clip
     from PIL import Image
 
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
     from clipkd_dino.models import get_tokenizer
 
     out, _ = labelled
@@ -377,7 +377,7 @@ def test_bad_arguments_fail_in_one_line(toyworld_dir, tmp_path):
 def test_fresh_toyworld_pool_top16_are_the_kinds_and_labels_are_right(tmp_path):
     """The chain a user runs: captions -> pool -> labels, on toyworld images the teacher never saw (seed 5)."""
     from clipkd_dino.concepts.build import BuildOptions, build_pool
-    from clipkd_dino.data.toyworld import KINDS, generate
+    from clipkd_dino.toyworld.generate import KINDS, generate
     from clipkd_dino.teacher.label_pass import LabelSettings, label_dataset
     from clipkd_dino.teacher.stats import label_stats
 

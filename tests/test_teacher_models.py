@@ -205,7 +205,7 @@ def test_label_and_online_distillation_take_an_open_clip_tag_offline(hub, monkey
 
     import yaml
 
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
     from clipkd_dino.teacher import load_labels
     from conftest import clipkd
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from clipkd_dino.cli import main
 from clipkd_dino.data import commands
-from clipkd_dino.data.toyworld import (
+from clipkd_dino.toyworld.generate import (
     COLOURS,
     DEFAULT_SHARD_SIZE,
     KINDS,
@@ -25,8 +25,8 @@ from clipkd_dino.data.toyworld import (
     render_sample,
     vocabulary_words,
 )
-from clipkd_dino.data.toyworld_captions import COUNT_WORDS, PLURALS, make_captions
-from clipkd_dino.data.toyworld_scene import SIZE_WORDS, sample_scene
+from clipkd_dino.toyworld.captions import COUNT_WORDS, PLURALS, make_captions
+from clipkd_dino.toyworld.scene import SIZE_WORDS, sample_scene
 
 N_TRAIN, N_VAL, SIZE, SEED, SHARD = 20, 40, 48, 3, 16
 NOUN_KIND = {**{plural: kind for kind, plural in PLURALS.items()}, **{kind: kind for kind in KINDS}}

@@ -149,7 +149,7 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 def test_compiled_objective_trains_like_the_eager_one(tmp_path):
     """`train.compile: true` (here with the aot_eager backend, which needs no C++ toolchain) gives the eager run's
     losses and keeps the checkpoints' key names."""
-    from clipkd_dino.data.toyworld import generate
+    from clipkd_dino.toyworld.generate import generate
 
     data = tmp_path / "data"
     generate(data, n_train=48, n_val=4, image_size=48, seed=3, workers=1, shard_size=48)

@@ -83,6 +83,6 @@ def test_the_wheel_carries_what_the_commands_read_at_run_time(installed, tmp_pat
     assert {"projected_norms", "cosine_teacher_means"} <= set(geometry["CLIP-KD + dino#0"])
     assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
     # the classification demo's recipes (its training is tested in test_demo.py)
-    _run([installed / "python", "-c", "from clipkd_dino.cls.config import load_cls_config; "
-          "from clipkd_dino.cls.demo import CONFIGS; "
+    _run([installed / "python", "-c", "from clipkd_dino.classify.config import load_cls_config; "
+          "from clipkd_dino.classify.demo import CONFIGS; "
           "[load_cls_config(CONFIGS / name, []) for name in ('teacher.yaml', 'student.yaml')]"], empty)

@@ -47,7 +47,7 @@ def build_objective(config: Config, model: nn.Module, device: torch.device) -> n
     """CLIPObjective for plain training, CLIPDistiller when `distill.teacher` is set; a distiller's
     `batch_targets` completes each batch in the loader workers (cache rows, labels)."""
     from clipkd_dino.models.factory import model_config
-    from clipkd_dino.train.objectives import CLIPObjective
+    from clipkd_dino.distill.objectives import CLIPObjective
 
     cfg = config.distill
     if cfg.teacher is None:

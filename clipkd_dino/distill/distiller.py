@@ -28,8 +28,8 @@ from clipkd_dino.config import DistillConfig
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.losses import afd_loss, clip_loss, crd_loss, dino_loss, fd_loss, gd_loss, icl_loss
-from clipkd_dino.train.distributed import all_gather_with_grad
-from clipkd_dino.train.objectives import MAX_LOGIT_SCALE, with_micro_batch
+from clipkd_dino.engine.distributed import all_gather_with_grad
+from clipkd_dino.distill.objectives import MAX_LOGIT_SCALE, with_micro_batch
 
 FD_REFERENCE_DIM = 512
 FD_REFERENCE_WEIGHT = 2000.0

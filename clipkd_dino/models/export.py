@@ -165,7 +165,7 @@ def describe_preprocess(model: torch.nn.Module) -> str:
 def check_samples(count: int = 4, image_size: int = 64) -> tuple[list[Image.Image], list[str]]:
     """Real inputs for the exports' parity checks: `count` toyworld validation images, their first captions and
     one caption outside the toy vocabulary (upper case, digits, punctuation)."""
-    from clipkd_dino.data.toyworld import render_sample
+    from clipkd_dino.toyworld.generate import render_sample
 
     samples = [render_sample(0, "val", index, image_size) for index in range(count)]
     images = [Image.open(io.BytesIO(png)).convert("RGB") for png, _ in samples]

@@ -52,7 +52,7 @@ from clipkd_dino.teacher import labels as label_files
 from clipkd_dino.teacher.class_means import ClassMeans, ClassSums, SparseSums, dense_classes, renumber, save_class_means
 from clipkd_dino.teacher.search import BACKENDS, Nearest, assign_labels, nearest_concepts
 from clipkd_dino.shipped import CONCEPTS
-from clipkd_dino.train.guard import StopSignals
+from clipkd_dino.engine.guard import StopSignals
 
 DEFAULT_TEMPLATES = CONCEPTS / "prompts.json"
 PARTS_DIR = "parts"
@@ -269,8 +269,8 @@ class LabelPass:
         from clipkd_dino.concepts.pool import ConceptPool
         from clipkd_dino.eval.zeroshot import zeroshot_classifier
         from clipkd_dino.models.loading import load_clip, weights_digest
-        from clipkd_dino.train.distributed import check_shared_folder, init_process
-        from clipkd_dino.train.guard import OutputLock
+        from clipkd_dino.engine.distributed import check_shared_folder, init_process
+        from clipkd_dino.engine.guard import OutputLock
 
         check_settings(settings)
         self.settings, self.out = settings, Path(settings.out)
@@ -609,7 +609,7 @@ def _read_part(path: Path) -> dict[str, torch.Tensor]:
 
 def label_dataset(settings: LabelSettings) -> dict:
     """Run the labelling pass (single process or one rank under torchrun); returns the summary on rank 0."""
-    from clipkd_dino.train.distributed import shutdown_distributed
+    from clipkd_dino.engine.distributed import shutdown_distributed
 
     labelling = None
     try:

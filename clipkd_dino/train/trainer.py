@@ -41,15 +41,15 @@ from clipkd_dino.files import write_json_atomic
 from clipkd_dino.models import create_model, get_tokenizer, image_transforms, model_config
 from clipkd_dino.models.loading import check_clip
 from clipkd_dino.runtime import autocast
-from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import (check_shared_folder, gathered_objects, gathered_tensors, init_process,
+from clipkd_dino.engine.checkpoint import load_checkpoint, resolve_resume
+from clipkd_dino.engine.distributed import (check_shared_folder, gathered_objects, gathered_tensors, init_process,
                                            known_batch_sizes, shutdown_distributed, summed_counts)
 from clipkd_dino.data.faults import bad_fraction_exceeded
-from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
+from clipkd_dino.engine.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
-from clipkd_dino.train.objectives import CONTRASTIVE_LOSSES, MAX_LOGIT_SCALE
+from clipkd_dino.distill.objectives import CONTRASTIVE_LOSSES, MAX_LOGIT_SCALE
 from clipkd_dino.train.optim import build_optimizer, build_scheduler
-from clipkd_dino.train.runlog import RunLog, flatten_numbers
+from clipkd_dino.engine.runlog import RunLog, flatten_numbers
 
 
 CHECKPOINT_NAME = "latest.pt"

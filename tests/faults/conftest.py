@@ -122,7 +122,7 @@ def truncate_inside(path: Path, out: Path, sample: int) -> None:
 
 @pytest.fixture(scope="session")
 def planted(toyworld_dir: Path, tmp_path_factory) -> Planted:
-    from clipkd_dino.data.toyworld import KINDS
+    from clipkd_dino.toyworld.generate import KINDS
 
     root = tmp_path_factory.mktemp("planted")
     train = toyworld_dir / "train"

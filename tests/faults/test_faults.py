@@ -266,7 +266,7 @@ def test_cls_on_corrupted_toyworld_shards_counts_every_image_fault(planted, toyw
 def test_cls_image_folder_skips_and_counts_bad_images(image_folder):
     from torch.utils.data import DataLoader
 
-    from clipkd_dino.cls.data import build_data, collate_classification
+    from clipkd_dino.classify.data import build_data, collate_classification
 
     data = build_data("imagenet", str(image_folder))
     for dataset in (data.train, data.train_plain, data.val):

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from clipkd_dino.cls.config import ClsConfig, check_cls_config
-from clipkd_dino.cls.data import build_data, collate_classification
+from clipkd_dino.classify.config import ClsConfig, check_cls_config
+from clipkd_dino.classify.data import build_data, collate_classification
 from clipkd_dino.data.faults import enforce_bad_fraction
 from clipkd_dino.data.loader import batches as loader_batches
 from clipkd_dino.data.loader import data_loader

@@ -35,14 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 from clipkd_dino import __version__
-from clipkd_dino.data.toyworld_captions import (
+from clipkd_dino.toyworld.captions import (
     CAPTIONS_PER_IMAGE,
     KINDS,
     ZEROSHOT_TEMPLATES,
     make_captions,
     vocabulary_words,
 )
-from clipkd_dino.data.toyworld_scene import BACKGROUND_COLOURS, COLOURS, Scene, render, sample_scene
+from clipkd_dino.toyworld.scene import BACKGROUND_COLOURS, COLOURS, Scene, render, sample_scene
 from clipkd_dino.errors import UserError
 
 __all__ = ["COLOURS", "KINDS", "ZEROSHOT_TEMPLATES", "describe", "generate", "render_sample", "vocabulary_words"]

@@ -24,7 +24,7 @@ import torch
 from clipkd_dino.data.faults import TooManyBadSamples, bad_fraction_exceeded, enforce_bad_fraction
 from clipkd_dino.errors import RunStopped, UserError
 from clipkd_dino.runtime import STOP_SIGNALS, close_in_data_workers
-from clipkd_dino.train.checkpoint import save_atomic
+from clipkd_dino.engine.checkpoint import save_atomic
 
 LOCK_FILE = ".clipkd.lock"
 

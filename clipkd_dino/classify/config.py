@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from clipkd_dino.cls.data import check_data
+from clipkd_dino.classify.data import check_data
 from clipkd_dino.data.faults import check_max_bad_fraction
 from clipkd_dino.errors import ConfigError
 

@@ -192,7 +192,7 @@ def _digits(root: str) -> ClsData:
 def _toyworld(root: str) -> ClsData:
     """toyworld's classification split: the images that show exactly one object, labelled by its kind. Broken
     shards and samples are skipped and counted (those of the training split in `skipped_at_load`)."""
-    from clipkd_dino.data.toyworld_captions import KINDS
+    from clipkd_dino.toyworld.captions import KINDS
 
     splits, problems = [], {"train": Counter(), "val": Counter()}
     for split in ("train", "val"):

@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from clipkd_dino.cls.centers import load_teacher, read_centers
-from clipkd_dino.cls.config import ClsConfig, ClsDistillConfig, check_cls_config
-from clipkd_dino.cls.data import build_data, collate_classification
+from clipkd_dino.classify.centers import load_teacher, read_centers
+from clipkd_dino.classify.config import ClsConfig, ClsDistillConfig, check_cls_config
+from clipkd_dino.classify.data import build_data, collate_classification
 from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.files import write_json_atomic
@@ -38,12 +38,12 @@ from clipkd_dino.runtime import autocast
 from clipkd_dino.data.loader import batches as loader_batches
 from clipkd_dino.data.loader import data_loader
 from clipkd_dino.data.pairs import SkipFirst
-from clipkd_dino.train.checkpoint import load_checkpoint, resolve_resume
-from clipkd_dino.train.distributed import (check_shared_folder, global_min, init_process, shutdown_distributed,
+from clipkd_dino.engine.checkpoint import load_checkpoint, resolve_resume
+from clipkd_dino.engine.distributed import (check_shared_folder, global_min, init_process, shutdown_distributed,
                                            summed_counts)
-from clipkd_dino.train.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
+from clipkd_dino.engine.guard import (NonFiniteGuard, OutputLock, StopSignals, save_checkpoint,
                                      stop_on_bad_fraction)
-from clipkd_dino.train.runlog import RunLog
+from clipkd_dino.engine.runlog import RunLog
 
 
 def step_lr_factor(epoch: float, milestones: list[int], gamma: float, warmup_epochs: float) -> float:
@@ -84,7 +84,7 @@ def accuracy(model: torch.nn.Module, loader: Iterable, device: torch.device, pre
 
 class ClsTrainer:
     def __init__(self, config: ClsConfig, resume: str | None = None) -> None:
-        from clipkd_dino.cls.distillers import build_distiller
+        from clipkd_dino.classify.distillers import build_distiller
         from clipkd_dino.models.cnn import create_classifier
 
         check_cls_config(config)

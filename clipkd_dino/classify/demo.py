@@ -42,9 +42,9 @@ STUDENTS = {  # name -> overrides of configs/cls/digits/student.yaml
 
 def run_cls_demo(out: Path, seeds: int, smoke: bool, device: str) -> Path:
     """Run every stage into `out`; returns the report's path."""
-    from clipkd_dino.cls.centers import compute_centers
-    from clipkd_dino.cls.config import load_cls_config
-    from clipkd_dino.cls.trainer import train_classifier
+    from clipkd_dino.classify.centers import compute_centers
+    from clipkd_dino.classify.config import load_cls_config
+    from clipkd_dino.classify.trainer import train_classifier
     from clipkd_dino.files import write_json_atomic
 
     start, scale = time.time(), SMOKE if smoke else FULL

@@ -1,4 +1,4 @@
-"""CLI of the data package: `clipkd toyworld` (heavy imports happen in `run`, not here)."""
+"""CLI of the toy data set: `clipkd toyworld` (heavy imports happen in `run`, not here)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-DEFAULT_SHARD_SIZE = 1000  # the same as clipkd_dino.data.toyworld.DEFAULT_SHARD_SIZE
+DEFAULT_SHARD_SIZE = 1000  # the same as clipkd_dino.toyworld.generate.DEFAULT_SHARD_SIZE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipkd_dino.data.toyworld import describe, generate
+    from clipkd_dino.toyworld.generate import describe, generate
 
     workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
     start = time.perf_counter()

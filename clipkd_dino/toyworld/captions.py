@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipkd_dino.data.toyworld_scene import BACKGROUND_COLOURS, COLOURS, SHAPES, Scene, ToyObject
+from clipkd_dino.toyworld.scene import BACKGROUND_COLOURS, COLOURS, SHAPES, Scene, ToyObject
 
 KINDS: tuple[str, ...] = tuple(SHAPES)
 PLURALS: dict[str, str] = {kind: {"cross": "crosses", "fish": "fish"}.get(kind, kind + "s") for kind in KINDS}

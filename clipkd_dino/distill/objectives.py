@@ -12,7 +12,7 @@ from torch import nn
 
 from clipkd_dino.losses import clip_loss
 from clipkd_dino.models.factory import PixelNormaliser
-from clipkd_dino.train.distributed import all_gather_with_grad
+from clipkd_dino.engine.distributed import all_gather_with_grad
 
 MAX_LOGIT_SCALE = 100.0
 CONTRASTIVE_LOSSES = ("loss_task", "loss_crd", "loss_icl", "loss_gd", "loss_afd")

@@ -34,9 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_centers(args: argparse.Namespace) -> int:
-    from clipkd_dino.cls.centers import compute_centers
+    from clipkd_dino.classify.centers import compute_centers
     from clipkd_dino.data.faults import format_skipped
-    from clipkd_dino.cls.config import load_cls_config
+    from clipkd_dino.classify.config import load_cls_config
     from clipkd_dino.config import with_bad_fraction
 
     summary = compute_centers(load_cls_config(args.config, with_bad_fraction(args)))
@@ -49,9 +49,9 @@ def run_centers(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     import os
 
-    from clipkd_dino.cls.config import load_cls_config
+    from clipkd_dino.classify.config import load_cls_config
     from clipkd_dino.config import with_bad_fraction
-    from clipkd_dino.cls.trainer import train_classifier
+    from clipkd_dino.classify.trainer import train_classifier
     from clipkd_dino.data.faults import format_skipped
 
     summary = train_classifier(load_cls_config(args.config, with_bad_fraction(args)), resume=args.resume)
