@@ -3,7 +3,7 @@
     python benchmarks/export_speed.py [--model ViT-T-16] [--batches 1 32] [--repeats 20 5] [--threads N]
 
 The model is randomly initialised (weights do not change the compute); the towers are exported by
-`clipkd_dino.models.onnx_export.export_onnx` (which checks onnxruntime's features against torch's). Both backends
+`clipkd_dino.export.onnx_towers.export_onnx` (which checks onnxruntime's features against torch's). Both backends
 run the same inputs with the same number of threads: pixels at the model's size and open_clip BPE ids of toyworld
 captions. Each cell is the median wall time of `repeats` runs after 3 warm-up runs; torch runs first, onnxruntime
 after it (so neither backend's idle threads spin beside the other); the speed-up is torch / onnxruntime, same run.
@@ -24,8 +24,8 @@ import onnxruntime
 import torch
 
 from clipkd_dino.models import create_model, image_size
-from clipkd_dino.models.export import bpe_tokenizer, check_samples
-from clipkd_dino.models.onnx_export import IMAGE, SETTINGS_FILE, TEXT, export_onnx, onnx_session
+from clipkd_dino.export.common import bpe_tokenizer, check_samples
+from clipkd_dino.export.onnx_towers import IMAGE, SETTINGS_FILE, TEXT, export_onnx, onnx_session
 
 
 def median_ms(run: Callable[[], object], repeats: int, warmup: int = 3) -> float:

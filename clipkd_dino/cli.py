@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "clipkd_dino.teacher.commands",
     "clipkd_dino.train.commands",
     "clipkd_dino.eval.commands",
-    "clipkd_dino.export",
+    "clipkd_dino.export.commands",
     "clipkd_dino.classify.commands",
     "clipkd_dino.demo",
 )

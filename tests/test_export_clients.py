@@ -17,9 +17,9 @@ from torchvision import transforms as T
 
 from clipkd_dino.errors import UserError
 from clipkd_dino.models import create_model, load_clip
-from clipkd_dino.models.export import eval_preprocess
-from clipkd_dino.models.hf_export import export_hf, hf_config
-from clipkd_dino.models.onnx_export import onnx_session
+from clipkd_dino.export.common import eval_preprocess
+from clipkd_dino.export.hf_clip import export_hf, hf_config
+from clipkd_dino.export.onnx_towers import onnx_session
 from conftest import clipkd
 
 OUTSIDE_VOCABULARY = "Two ZEBRAS & a giraffe, at 5 o'clock!"  # words the toy vocabulary does not have

@@ -1,5 +1,5 @@
 """Export a CLIP model for clients that do not use this package: an open_clip `local-dir:` folder, ONNX towers
-(`onnx_export.py`) and a transformers `CLIPModel` folder (`hf_export.py`).
+(`onnx_towers.py`) and a transformers `CLIPModel` folder (`hf_clip.py`).
 
 The open_clip folder holds exactly two files: `open_clip_config.json` ({"model_cfg": the full architecture,
 "preprocess_cfg": the eval preprocessing}) and `open_clip_model.safetensors` (the CLIP weights: no projector, no
@@ -62,8 +62,8 @@ def export_targets(checkpoint: str | Path, name: str | None = None, *, out: str 
     tokenizer other than open_clip's BPE for ONNX or transformers, is refused before any weights are read. Returns
     {target: folder} for the targets given.
     """
-    from clipkd_dino.models.hf_export import export_hf, hf_config
-    from clipkd_dino.models.onnx_export import export_onnx
+    from clipkd_dino.export.hf_clip import export_hf, hf_config
+    from clipkd_dino.export.onnx_towers import export_onnx
 
     targets = {flag: Path(folder) for flag, folder in (("out", out), ("onnx", onnx), ("hf", hf)) if folder}
     if not targets:

@@ -23,7 +23,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 
 from clipkd_dino.errors import UserError
-from clipkd_dino.models.export import (
+from clipkd_dino.export.common import (
     bpe_tokenizer,
     check_samples,
     describe_preprocess,

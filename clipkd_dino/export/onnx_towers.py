@@ -20,7 +20,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
 from clipkd_dino.errors import UserError
-from clipkd_dino.models.export import (
+from clipkd_dino.export.common import (
     bpe_tokenizer,
     check_samples,
     describe_preprocess,
