@@ -4,9 +4,10 @@
 
 The model is randomly initialised (weights do not change the compute); the towers are exported by
 `clipkd_dino.export.onnx_towers.export_onnx` (which checks onnxruntime's features against torch's). Both backends
-run the same inputs with the same number of threads: pixels at the model's size and open_clip BPE ids of toyworld
-captions. Each cell is the median wall time of `repeats` runs after 3 warm-up runs; torch runs first, onnxruntime
-after it (so neither backend's idle threads spin beside the other); the speed-up is torch / onnxruntime, same run.
+run the same inputs with the same number of threads: pixels at the model's size and open_clip BPE ids of the export
+checks' captions. Each cell is the median wall time of `repeats` runs after 3 warm-up runs; torch runs first,
+onnxruntime after it (so neither backend's idle threads spin beside the other); the speed-up is torch / onnxruntime,
+same run.
 """
 
 from __future__ import annotations

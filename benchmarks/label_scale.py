@@ -55,7 +55,7 @@ def make_teacher(folder: Path) -> str:
     import open_clip
     import torch
 
-    from clipkd_dino.export.common import export_model
+    from clipkd_dino.export.open_clip_folder import export_model
 
     configs = folder / "configs"
     configs.mkdir(parents=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from clipkd_dino.models import create_model
-from clipkd_dino.export.common import export_model
+from clipkd_dino.export.open_clip_folder import export_model
 from conftest import clipkd
 
 CLIP_BENCHMARK = Path(sys.executable).parent / "clip_benchmark"

@@ -13,7 +13,7 @@ import torch
 
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.models import create_model
-from clipkd_dino.export.common import export_checkpoint
+from clipkd_dino.export.targets import export_checkpoint
 from clipkd_dino.models.factory import MODEL_CONFIG_DIR, architecture_name, checkpoint_model_name
 from conftest import REPO, clipkd
 from test_train import write_config

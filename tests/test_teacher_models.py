@@ -18,7 +18,7 @@ from safetensors.torch import save
 
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.models import check_clip, create_model, load_clip, model_config
-from clipkd_dino.export.common import export_checkpoint
+from clipkd_dino.export.targets import export_checkpoint
 from clipkd_dino.models.factory import resolve
 from clipkd_dino.models.loading import LoadedCLIP
 from test_eval_hf import hf_dir  # noqa: F401  (the fixture)

@@ -1,6 +1,6 @@
 """`clipkd export CHECKPOINT [--out DIR] [--onnx DIR] [--hf DIR]`: a trained model for clients without this package.
 
-Only argparse is imported at module level; the library (`clipkd_dino.export.common`) when the command runs.
+Only argparse is imported at module level; the library (`clipkd_dino.export.targets`) when the command runs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipkd_dino.export.common import export_targets
+    from clipkd_dino.export.targets import export_targets
 
     written = export_targets(args.checkpoint, args.model, out=args.out, onnx=args.onnx, hf=args.hf)
     for target, folder in written.items():

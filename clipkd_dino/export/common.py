@@ -1,85 +1,44 @@
-"""Export a CLIP model for clients that do not use this package: an open_clip `local-dir:` folder, ONNX towers
-(`onnx_towers.py`) and a transformers `CLIPModel` folder (`hf_clip.py`).
+"""What every export target shares: output folders written whole or not at all, the token table spread over
+open_clip's BPE ids, the eval preprocessing (as a transform and in words) and the inputs of the parity checks.
 
-The open_clip folder holds exactly two files: `open_clip_config.json` ({"model_cfg": the full architecture,
-"preprocess_cfg": the eval preprocessing}) and `open_clip_model.safetensors` (the CLIP weights: no projector, no
-optimiser). A model with a compact vocabulary (toy models) gets its token table spread over open_clip's 49,408 BPE
-ids, each id taking the row the compact tokenizer maps it to, so open_clip's own tokenizer gives the same text
-features; every target gets this spread table, so every client feeds plain open_clip BPE ids.
+A model with a compact vocabulary (toy models) gets its token table spread over open_clip's 49,408 BPE ids, each id
+taking the row the compact tokenizer maps it to, so open_clip's own tokenizer gives the same text features; every
+target gets this spread table, so every client feeds plain open_clip BPE ids.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
+import numpy as np
 import torch
 from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
-from safetensors.torch import save
+from PIL import Image, ImageDraw
 
 from clipkd_dino.errors import UserError
-from clipkd_dino.files import write_atomic
-from clipkd_dino.models.factory import (
-    OPENCLIP_VOCAB_SIZE,
-    checkpoint_model_name,
-    create_model,
-    get_tokenizer,
-    model_config,
-)
+from clipkd_dino.models.factory import OPENCLIP_VOCAB_SIZE, get_tokenizer
 from clipkd_dino.models.tokenizer import CompactTokenizer
 
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
 RESIZE_MODES = {  # open_clip's eval resize modes
     "shortest": "resize the short side to {size} px, centre crop {size} x {size}",
     "longest": "resize the long side to {size} px, pad to {size} x {size} with {fill}",
     "squash": "resize to {size} x {size} (aspect ratio not kept)",
 }
-OUTSIDE_TOY_VOCABULARY = "A photo of an old bicycle leaning on a wall, next to 3 dogs!"
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, name: str | None = None) -> Path:
-    """Export the CLIP model of a checkpoint (any our trainer writes; `name` defaults to its `model_name`) as an
-    open_clip local-dir folder; returns the folder."""
-    return export_targets(checkpoint, name, out=out_dir)["out"]
-
-
-def export_targets(checkpoint: str | Path, name: str | None = None, *, out: str | Path | None = None,
-                   onnx: str | Path | None = None, hf: str | Path | None = None) -> dict[str, Path]:
-    """Export the CLIP model of a checkpoint to each folder given: `out` (open_clip local-dir), `onnx` (ONNX image
-    and text towers, checked in onnxruntime), `hf` (transformers CLIPModel, checked against open_clip).
-
-    Every folder must be new or empty and the folders distinct; an architecture transformers cannot hold, or a
-    tokenizer other than open_clip's BPE for ONNX or transformers, is refused before any weights are read. Returns
-    {target: folder} for the targets given.
-    """
-    from clipkd_dino.export.hf_clip import export_hf, hf_config
-    from clipkd_dino.export.onnx_towers import export_onnx
-
-    targets = {flag: Path(folder) for flag, folder in (("out", out), ("onnx", onnx), ("hf", hf)) if folder}
-    if not targets:
-        raise UserError("give at least one target: --out DIR (open_clip), --onnx DIR or --hf DIR")
-    if len({folder.absolute() for folder in targets.values()}) < len(targets):
-        raise UserError(f"give each target its own folder (got {', '.join(map(str, targets.values()))})")
-    for flag, folder in targets.items():
-        check_folder(folder, flag, (CONFIG_FILE, WEIGHTS_FILE) if flag == "out" else ())
-    name = name or checkpoint_model_name(checkpoint)
-    if targets.keys() & {"onnx", "hf"}:
-        bpe_tokenizer(name)
-    if "hf" in targets:
-        hf_config(name)
-    model = create_model(name, str(checkpoint)).eval()
-    exporters = {"out": export_model, "onnx": export_onnx, "hf": export_hf}
-    return {flag: exporters[flag](model, name, folder) for flag, folder in targets.items()}
+CHECK_CAPTIONS = (  # toyworld-like captions, then one outside the toy vocabulary (upper case, digits, punctuation)
+    "a purple ladder next to a purple ladder",
+    "there is one small pink moon on the right",
+    "a drawing of one purple key on a light green background",
+    "a photo of a small orange tree over a circle",
+    "A photo of an old bicycle leaning on a wall, next to 3 dogs!",
+)
+CHECK_COLOURS = ("purple", "pink", "orange", "teal", "gold", "navy")
 
 
 def check_folder(folder: Path, flag: str, own_files: Collection[str] = ()) -> None:
@@ -105,22 +64,6 @@ def staged_folder(folder: Path, flag: str) -> Iterator[Path]:
         raise UserError(f"--{flag} {folder}: cannot write ({error.strerror or error})") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def export_model(model: torch.nn.Module, name: str, out_dir: str | Path) -> Path:
-    """Write `model` (architecture `name`) to `out_dir` as an open_clip local-dir model; returns the folder."""
-    out_dir = Path(out_dir)
-    check_folder(out_dir, "out", (CONFIG_FILE, WEIGHTS_FILE))
-    config = model_config(name)
-    config["text_cfg"]["vocab_size"] = OPENCLIP_VOCAB_SIZE
-    weights = {key: tensor.detach().cpu().contiguous()
-               for key, tensor in with_openclip_vocabulary(model, name).state_dict().items()}
-    preprocess = dict(model.visual.preprocess_cfg)
-    text = json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=2) + "\n"
-    data = save(weights, metadata={"format": "pt", "architecture": name})
-    write_atomic(out_dir / WEIGHTS_FILE, lambda stream: stream.write(data))
-    write_atomic(out_dir / CONFIG_FILE, lambda stream: stream.write(text.encode("utf-8")))
-    return out_dir
 
 
 def with_openclip_vocabulary(model: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -163,10 +106,19 @@ def describe_preprocess(model: torch.nn.Module) -> str:
 
 
 def check_samples(count: int = 4, image_size: int = 64) -> tuple[list[Image.Image], list[str]]:
-    """Real inputs for the exports' parity checks: `count` toyworld validation images, their first captions and
-    one caption outside the toy vocabulary (upper case, digits, punctuation)."""
-    from clipkd_dino.toyworld.generate import render_sample
+    """The inputs of the exports' parity checks: `count` drawn images and `CHECK_CAPTIONS`."""
+    return [check_image(index, image_size) for index in range(count)], list(CHECK_CAPTIONS)
 
-    samples = [render_sample(0, "val", index, image_size) for index in range(count)]
-    images = [Image.open(io.BytesIO(png)).convert("RGB") for png, _ in samples]
-    return images, [meta["captions"][0] for _, meta in samples] + [OUTSIDE_TOY_VOCABULARY]
+
+def check_image(index: int, size: int) -> Image.Image:
+    """Test image `index`: a colour ramp with a disc and a square whose colours and places depend on `index`."""
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.uint8(40 * index % 256)), axis=-1)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    step = size // 8
+    x, y = (index * 3 % 5) * step, (index * 2 % 5) * step
+    draw.ellipse((x, y, x + 3 * step, y + 3 * step), fill=CHECK_COLOURS[index % len(CHECK_COLOURS)])
+    draw.rectangle((size - x - 2 * step, size - y - 2 * step, size - x, size - y),
+                   fill=CHECK_COLOURS[(index + 2) % len(CHECK_COLOURS)])
+    return image

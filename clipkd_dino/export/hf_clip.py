@@ -76,7 +76,7 @@ The tokenizer is OpenAI CLIP's byte-level BPE, the ids of open_clip's `SimpleTok
 this one with `<|endoftext|>`: the text tower pools at the first end-of-text token, so both give the same
 features). The image processor: {preprocess}.
 
-Checked at export against the open_clip model on toyworld images and captions (fp32): {check}.
+Checked at export against the open_clip model on drawn test images and captions (fp32): {check}.
 """
 
 

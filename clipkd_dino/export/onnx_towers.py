@@ -3,8 +3,9 @@
 The folder holds `image.onnx` (float32 normalised pixels [batch, 3, S, S] -> image features), `text.onnx` (int64
 open_clip BPE ids [batch, context length] -> text features), open_clip's BPE vocabulary file, and `clip_onnx.json`:
 the towers' inputs and outputs, the preprocessing (size, resize and crop, interpolation, mean, std), the tokenizer
-settings and the parity check (the lowest cosine of onnxruntime's features to torch's on toyworld images and
-captions, at batch 1 and at the whole check batch). Features are not L2-normalised, as open_clip's `encode_*`.
+settings and the parity check (the lowest cosine of onnxruntime's features to torch's on the drawn images and the
+captions of `common.check_samples`, at batch 1 and at the whole check batch). Features are not L2-normalised, as
+open_clip's `encode_*`.
 """
 
 from __future__ import annotations
