@@ -1,4 +1,5 @@
-"""Streaming pool builder: read and clean captions, parse each distinct caption once, count concept mentions.
+"""Streaming pool builder: read and clean captions, parse each distinct caption once, count concept mentions, then
+make the pool (`finalise`: lexicalised adjective-noun collocations, ranking, examples).
 
 Memory holds the counts (one entry per concept, adjective, adjective-concept pair, -ing/-s form and deferred noun
 run), a few example captions per entry and a bounded cache of parsed captions: it grows with the vocabulary, not
@@ -7,6 +8,7 @@ with the corpus.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import time
 from collections import Counter, deque
@@ -16,15 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipkd_dino.concepts.clean import FAULT_REASONS, SKIP_REASONS, CaptionCleaner
+from clipkd_dino.concepts.clean import FAULT_REASONS, REPAIR_REASONS, SKIP_REASONS, CaptionCleaner
 from clipkd_dino.concepts.parser import (VERB_ENDINGS, AnalyzerSpec, Extractor, Parsed, Run, Tok, Use, model_info,
                                          resolve_model)
-from clipkd_dino.concepts.pool import Collocation, ConceptPool, finalise
+from clipkd_dino.concepts.pool import Collocation, ConceptPool, rank, unique
 from clipkd_dino.concepts.sources import ReaderOptions, Source, expand_sources, read_captions
 from clipkd_dino.data.faults import check_max_bad_fraction, enforce_bad_fraction
 
 if TYPE_CHECKING:
     from tqdm import tqdm
+
+    from clipkd_dino.concepts.lexicon import Lexicon
 
 STORED_EXAMPLES = 6  # kept per concept while counting; the pool shows the first `examples` that survive filtering
 
@@ -273,6 +277,60 @@ def build_pool(patterns: Sequence[str], options: BuildOptions) -> ConceptPool:
            "min_count": options.min_count, "max_bad_fraction": options.max_bad_fraction}
     return finalise(tally, lexicon, options, problems, settings=options.settings(lexicon.files),
                     spacy=model_info(model, options.pipeline), sources=[s.describe() for s in sources], run=run)
+
+
+def finalise(tally: Tally, lexicon: Lexicon, options: BuildOptions, problems: Counter[str], *, settings: dict,
+             spacy: dict, sources: list[dict], run: dict) -> ConceptPool:
+    """Resolve collocations, rank, cut to top-k / min-count and attach examples."""
+    counts = Counter(tally.counts)
+    examples = {concept: list(items) for concept, items in tally.examples.items()}
+    found = _collocations(tally, options.collocation) if options.phrases else {}
+    for (adjective, concept), count in sorted(tally.pairs.items()):
+        if (adjective, concept.partition(" ")[0]) not in found:
+            continue
+        words = (adjective, *concept.split())
+        joined = lexicon.normalise(words)
+        if len(words) > options.max_words or lexicon.stop_entry(joined) is not None:
+            continue
+        counts[concept] -= count
+        counts[joined] += count
+        stored = examples.setdefault(joined, [])
+        stored.extend((text, "") for text in tally.pair_examples.get((adjective, concept), []))
+        examples[concept] = [item for item in examples.get(concept, []) if item[1] != adjective]
+    ranked = rank(counts, options.top_k, options.min_count)
+    concepts = [{"concept": c, "count": n, "examples": unique([t for t, _ in examples.get(c, [])])[: options.examples]}
+                for c, n in ranked]
+    stats = {
+        "captions_read": sum(source["captions"] for source in sources),
+        "captions_used": tally.captions, "tokens": tally.tokens, "mentions": sum(counts.values()),
+        "vocabulary": sum(1 for n in counts.values() if n > 0),
+        "skipped": {reason: problems[reason] for reason in SKIP_REASONS if problems[reason]},
+        "repaired": {reason: problems[reason] for reason in REPAIR_REASONS if problems[reason]},
+        "stopped": dict(tally.stopped.most_common(30)),
+    }
+    colls = [{"phrase": f"{a} {n}", **values} for (a, n), values in sorted(found.items())]
+    return ConceptPool(concepts, settings, spacy, sources, stats, colls, run)
+
+
+def _collocations(tally: Tally, rule: Collocation) -> dict[tuple[str, str], dict[str, float]]:
+    """Adjective-noun pairs that pass the rule, keyed by (adjective, first word of the concept)."""
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    for (adjective, concept), count in tally.pairs.items():
+        pair_counts[adjective, concept.partition(" ")[0]] += count
+    first_words: Counter[str] = Counter()
+    for concept, count in tally.counts.items():
+        first_words[concept.partition(" ")[0]] += count
+    found, total = {}, max(tally.tokens, 1)
+    for (adjective, noun), count in pair_counts.items():
+        if count < rule.min_count:
+            continue
+        share = count / tally.adjectives[adjective]
+        p_pair = count / total
+        pmi = math.log(p_pair / (tally.adjectives[adjective] / total * first_words[noun] / total))
+        npmi = pmi / -math.log(p_pair)
+        if share >= rule.min_share and npmi >= rule.min_npmi:
+            found[adjective, noun] = {"count": count, "share": round(share, 3), "npmi": round(npmi, 3)}
+    return found
 
 
 def _cleaned(sources: Iterable[Source], options: BuildOptions, problems: Counter[str]) -> Iterable[str]:

@@ -1,25 +1,16 @@
-"""The concept pool: a versioned JSON file with settings, provenance and concepts in rank order.
-
-Also the final step of a build (lexicalised adjective-noun collocations, ranking, examples) and merging pools.
-"""
+"""The concept pool: a versioned JSON file with settings, provenance and concepts in rank order; ranking concepts
+and merging pools."""
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from clipkd_dino import __version__
-from clipkd_dino.concepts.clean import REPAIR_REASONS, SKIP_REASONS
 from clipkd_dino.errors import UserError
 from clipkd_dino.files import write_json_atomic
-
-if TYPE_CHECKING:
-    from clipkd_dino.concepts.build import BuildOptions, Tally
-    from clipkd_dino.concepts.lexicon import Lexicon
 
 FORMAT = "clipkd-concept-pool"
 VERSION = 1
@@ -84,60 +75,6 @@ class ConceptPool:
         return [entry["concept"] for entry in self.concepts]
 
 
-def finalise(tally: Tally, lexicon: Lexicon, options: BuildOptions, problems: Counter[str], *, settings: dict,
-             spacy: dict, sources: list[dict], run: dict) -> ConceptPool:
-    """Resolve collocations, rank, cut to top-k / min-count and attach examples."""
-    counts = Counter(tally.counts)
-    examples = {concept: list(items) for concept, items in tally.examples.items()}
-    found = _collocations(tally, options.collocation) if options.phrases else {}
-    for (adjective, concept), count in sorted(tally.pairs.items()):
-        if (adjective, concept.partition(" ")[0]) not in found:
-            continue
-        words = (adjective, *concept.split())
-        joined = lexicon.normalise(words)
-        if len(words) > options.max_words or lexicon.stop_entry(joined) is not None:
-            continue
-        counts[concept] -= count
-        counts[joined] += count
-        stored = examples.setdefault(joined, [])
-        stored.extend((text, "") for text in tally.pair_examples.get((adjective, concept), []))
-        examples[concept] = [item for item in examples.get(concept, []) if item[1] != adjective]
-    ranked = rank(counts, options.top_k, options.min_count)
-    concepts = [{"concept": c, "count": n, "examples": _unique([t for t, _ in examples.get(c, [])])[: options.examples]}
-                for c, n in ranked]
-    stats = {
-        "captions_read": sum(source["captions"] for source in sources),
-        "captions_used": tally.captions, "tokens": tally.tokens, "mentions": sum(counts.values()),
-        "vocabulary": sum(1 for n in counts.values() if n > 0),
-        "skipped": {reason: problems[reason] for reason in SKIP_REASONS if problems[reason]},
-        "repaired": {reason: problems[reason] for reason in REPAIR_REASONS if problems[reason]},
-        "stopped": dict(tally.stopped.most_common(30)),
-    }
-    colls = [{"phrase": f"{a} {n}", **values} for (a, n), values in sorted(found.items())]
-    return ConceptPool(concepts, settings, spacy, sources, stats, colls, run)
-
-
-def _collocations(tally: Tally, rule: Collocation) -> dict[tuple[str, str], dict[str, float]]:
-    """Adjective-noun pairs that pass the rule, keyed by (adjective, first word of the concept)."""
-    pair_counts: Counter[tuple[str, str]] = Counter()
-    for (adjective, concept), count in tally.pairs.items():
-        pair_counts[adjective, concept.partition(" ")[0]] += count
-    first_words: Counter[str] = Counter()
-    for concept, count in tally.counts.items():
-        first_words[concept.partition(" ")[0]] += count
-    found, total = {}, max(tally.tokens, 1)
-    for (adjective, noun), count in pair_counts.items():
-        if count < rule.min_count:
-            continue
-        share = count / tally.adjectives[adjective]
-        p_pair = count / total
-        pmi = math.log(p_pair / (tally.adjectives[adjective] / total * first_words[noun] / total))
-        npmi = pmi / -math.log(p_pair)
-        if share >= rule.min_share and npmi >= rule.min_npmi:
-            found[adjective, noun] = {"count": count, "share": round(share, 3), "npmi": round(npmi, 3)}
-    return found
-
-
 def rank(counts: Counter[str], top_k: int | None, min_count: int) -> list[tuple[str, int]]:
     """Concepts with at least `min_count`, by count then alphabetically, the first `top_k`."""
     ranked = sorted(((c, n) for c, n in counts.items() if n >= max(min_count, 1)), key=lambda cn: (-cn[1], cn[0]))
@@ -157,7 +94,7 @@ def merge_pools(pools: list[ConceptPool], top_k: int | None, min_count: int) -> 
     for pool in pools:
         for entry in pool.concepts:
             counts[entry["concept"]] += entry["count"]
-            examples[entry["concept"]] = _unique(examples.get(entry["concept"], []) + entry["examples"])
+            examples[entry["concept"]] = unique(examples.get(entry["concept"], []) + entry["examples"])
     keep = max((len(e["examples"]) for pool in pools for e in pool.concepts), default=0)
     concepts = [{"concept": c, "count": n, "examples": examples[c][:keep]} for c, n in rank(counts, top_k, min_count)]
     return ConceptPool(
@@ -199,7 +136,8 @@ def _merge_collocations(lists: list[list[dict]]) -> list[dict]:
     return [{"phrase": phrase, "count": count} for phrase, count in sorted(counts.items())]
 
 
-def _unique(items: list[str]) -> list[str]:
+def unique(items: list[str]) -> list[str]:
+    """`items` without repeats, in order."""
     return list(dict.fromkeys(items))
 
 
