@@ -135,19 +135,22 @@ def test_cleaner_repairs_and_skips_by_reason():
     assert clean("Fish &amp; chips on a <b>plate</b>") == "Fish & chips on a plate"
     assert clean("  a\tdog\x00 on   a bed ") == "a dog on a bed"
     assert clean("A dog " + "and a cat " * 20) == "A dog and a cat and a cat and a cat and"
-    for bad in ("", "   ", "caf\ufffd au lait"):
+    for bad in ("", "   "):
         assert clean(bad) is None
+    assert clean("caf\ufffd au lait") == "caf\ufffd au lait"  # valid UTF-8: decoding alone judges bytes
     assert clean("Un chien noir sur la plage avec une balle") is None
     assert clean("一只狗在沙滩上奔跑") is None
     assert clean("A café with a crêpe on the table") == "A café with a crêpe on the table"
     assert clean("A man at the Café de la Paix in Paris") is not None
-    assert problems == {"html": 1, "truncated": 1, "empty": 2, "invalid_utf8": 1, "non_english": 2}
+    assert problems == {"html": 1, "truncated": 1, "empty": 2, "non_english": 2}
 
 
 def test_invalid_utf8_lines_are_skipped_not_fatal(tmp_path):
     path = tmp_path / "c.txt"
     path.write_bytes(b"a dog\n\xff\xfe broken \xc3\n")
-    problems: Counter = Counter()
-    clean = CaptionCleaner(500, problems)
-    assert [clean(c) for c in read_all(path)[0]] == ["a dog", None]
-    assert problems == {"invalid_utf8": 1}
+    captions, problems, _ = read_all(path)
+    assert captions == ["a dog"] and problems == {"invalid_utf8": 1}
+    (tmp_path / "c.tsv").write_bytes(b"filepath\ttitle\na.jpg\ta cat\nb.jpg\tbad \xff byte\n")
+    (tmp_path / "c.jsonl").write_bytes(b'{"caption": "bad \xff"}\n{"caption": "a bird", "x": "\xc3"}\n')
+    for name, kept in (("c.tsv", ["a cat"]), ("c.jsonl", ["a bird"])):  # the caption is judged, not the record
+        assert read_all(tmp_path / name)[:2] == (kept, Counter(invalid_utf8=1))

@@ -30,8 +30,6 @@ class CaptionCleaner:
         self.max_chars, self.problems = max_chars, problems
 
     def __call__(self, raw: str) -> str | None:
-        if "\ufffd" in raw:
-            return self._skip("invalid_utf8")
         text = raw
         if "<" in text or "&" in text:
             text = html.unescape(_TAG.sub(" ", text))

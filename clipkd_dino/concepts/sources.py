@@ -3,11 +3,13 @@
 Paths are expanded as `clipkd train` expands them. A shard's `.txt` member holds one caption a line (as the training
 reader reads it: toyworld writes five captions per image).
 
-Every reader yields raw caption strings (decoded as UTF-8 with invalid bytes replaced by U+FFFD, which the cleaner
-then rejects) and counts the records it cannot use in a shared `problems` counter: a malformed record (`bad_record`),
-a blank record (`empty`), a shard that is empty (`empty_file`), not a tar (`not_a_tar`) or ends early
-(`truncated_shard`: the captions before the break are kept), a shard sample without a `.txt` member
-(`missing_caption`). Each file is hashed while it is read, so a source's digest costs no second pass.
+Every reader yields raw caption strings and counts the records it cannot use in a shared `problems` counter: a
+caption that is not UTF-8 (`invalid_utf8`, by the policy of every reader, `faults.decode_text`: a line, a CSV row's
+caption, a JSONL record's or COCO annotation's caption, a shard sample's whole `.txt` member, as training reads it),
+a malformed record (`bad_record`), a blank record (`empty`), a shard that is empty (`empty_file`), not a tar
+(`not_a_tar`) or ends early (`truncated_shard`: the captions before the break are kept), a shard sample without a
+`.txt` member (`missing_caption`). Shards are read by `data.tars.ShardMembers`, the tar reader of every command.
+Each file is hashed while it is read, so a source's digest costs no second pass.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import hashlib
 import io
 import json
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from clipkd_dino.data.faults import decode_text
+from clipkd_dino.data.tars import ShardMembers
 from clipkd_dino.errors import UserError
 
 FORMATS = {
@@ -117,18 +120,23 @@ class _HashingReader(io.RawIOBase):
         return self._hash.hexdigest()
 
 
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace")
+def _decoded(raw: bytes | str, problems: Counter[str]) -> Iterator[str]:
+    """The caption `raw` decoded (`decode_text`), or nothing and an `invalid_utf8` count."""
+    text = decode_text(raw)
+    if text is None:
+        problems["invalid_utf8"] += 1
+    else:
+        yield text
 
 
 def _text(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
     for line in stream:
-        yield _decode(line.rstrip(b"\r\n"))
+        yield from _decoded(line.rstrip(b"\r\n"), problems)
 
 
 def _csv(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="surrogateescape", newline="")
     rows = csv.reader(text, delimiter=options.csv_separator)
     header = next(rows, None)
     key = options.csv_caption_key
@@ -150,12 +158,12 @@ def _csv(stream: io.BufferedReader, source: Source, options: ReaderOptions, prob
         elif len(row) <= column:
             problems["bad_record"] += 1
         else:
-            yield row[column]
+            yield from _decoded(row[column], problems)
 
 
 def _coco(stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]) -> Iterator[str]:
     try:
-        data = json.loads(_decode(stream.read()))
+        data = json.loads(stream.read().decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError as error:
         raise UserError(f"{source.path}: not valid JSON ({error})") from error
     annotations = data.get("annotations") if isinstance(data, dict) else None
@@ -164,7 +172,7 @@ def _coco(stream: io.BufferedReader, source: Source, options: ReaderOptions, pro
     for annotation in annotations:
         caption = annotation.get("caption") if isinstance(annotation, dict) else None
         if isinstance(caption, str):
-            yield caption
+            yield from _decoded(caption, problems)
         else:
             problems["bad_record"] += 1
 
@@ -176,14 +184,14 @@ def _jsonl(stream: io.BufferedReader, source: Source, options: ReaderOptions, pr
             problems["empty"] += 1
             continue
         try:
-            record = json.loads(_decode(line))
+            record = json.loads(line.decode("utf-8", "surrogateescape"))
         except json.JSONDecodeError:
             problems["bad_record"] += 1
             continue
         caption = record.get(key) if isinstance(record, dict) else None
         if isinstance(caption, str):
             found = True
-            yield caption
+            yield from _decoded(caption, problems)
         else:
             missing += 1
             problems["bad_record"] += 1
@@ -194,23 +202,13 @@ def _jsonl(stream: io.BufferedReader, source: Source, options: ReaderOptions, pr
 def _webdataset(
     stream: io.BufferedReader, source: Source, options: ReaderOptions, problems: Counter[str]
 ) -> Iterator[str]:
-    try:
-        archive = tarfile.open(fileobj=stream, mode="r|*")
-    except tarfile.TarError:
-        problems["not_a_tar" if source.path.stat().st_size else "empty_file"] += 1
-        return
-    has_text: dict[str, bool] = {}  # sample key (the member name up to its first dot) -> has a .txt member
-    try:
-        for member in archive:
-            if not member.isfile():
-                continue
-            directory, _, name = member.name.rpartition("/")
-            key, is_text = f"{directory}/{name.partition('.')[0]}", name.lower().endswith(".txt")
-            has_text[key] = has_text.get(key, False) or is_text
-            if is_text:
-                yield from _decode(archive.extractfile(member).read()).splitlines() or [""]
-    except (tarfile.TarError, EOFError, OSError):  # tarfile checks that each member's data is there
-        problems["truncated_shard"] += 1
-        if has_text:
-            has_text.popitem()  # the sample at the break is the truncation's loss, not judged on its own
+    shard = ShardMembers(source.path, problems, stream, data_of=("txt",))
+    has_text: dict[str, bool] = {}  # sample key -> has a .txt member
+    for member in shard:
+        has_text[member.key] = has_text.get(member.key, False) or member.ext == "txt"
+        if member.data is not None:
+            for text in _decoded(member.data, problems):
+                yield from text.splitlines() or [""]
+    if shard.truncated and has_text:
+        has_text.popitem()  # the sample at the break is the truncation's loss, not judged on its own
     problems.update("missing_caption" for text in has_text.values() if not text)

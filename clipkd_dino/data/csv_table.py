@@ -24,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from clipkd_dino.data.faults import decode_text
 from clipkd_dino.errors import ConfigError
 
 BLOCK_BYTES = 1 << 22  # the per-row Python objects of parsing live for a block of the file (4 MiB)
@@ -133,21 +134,12 @@ def _records(path: Path, separator: str) -> Iterator[list]:
 
 
 def _flags(fields: list[bytes]) -> Iterator[int]:
-    """The flags of the rows of `fields` (image, caption, image, caption, ...)."""
-    utf8 = _is_utf8(b"\n".join(fields))  # most blocks: one check for all rows
+    """The flags of the rows of `fields` (image, caption, image, caption, ...): a row is UTF-8 when both its fields
+    are (`faults.decode_text`, the policy of every caption reader)."""
+    utf8 = decode_text(b"\n".join(fields)) is not None  # most blocks: one check for all rows
     for image, caption in zip(fields[::2], fields[1::2]):
-        if utf8 or (_is_utf8(image) and _is_utf8(caption)):
-            yield UTF8 | (USABLE if caption.decode("utf-8").strip() else 0)
-        else:
-            yield 0
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+        text = decode_text(caption) if utf8 or decode_text(image) is not None else None
+        yield 0 if text is None else UTF8 | (USABLE if text.strip() else 0)
 
 
 def _images(hashes: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

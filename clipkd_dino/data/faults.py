@@ -4,6 +4,9 @@ A command skips what it cannot read, counts it under a reason ("bad_image", "mis
 reports the counts at the end and in its JSON output, and stops with `TooManyBadSamples` once more than
 `max_bad_fraction` of what it has seen was bad. The fraction is judged only after `MIN_SEEN` samples (or at the end
 of a pass over fewer), so that one bad sample among the first few does not stop a long job.
+
+Caption text is decoded by one policy everywhere (`decode_text`): valid UTF-8, or the record holding it is skipped
+and counted as `invalid_utf8`.
 """
 
 from __future__ import annotations
@@ -52,13 +55,26 @@ def enforce_bad_fraction(skipped: Mapping[str, int], seen: int, limit: float | N
                             f"{limit:g}): {reasons}")
 
 
-def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
-    """(the non-empty lines of a caption member, None), or ([], "missing_caption" | "invalid_utf8"): the one caption
-    decoder of every command (training, labelling, evaluation, concept pools read theirs line by line)."""
+def decode_text(raw: bytes | str) -> str | None:
+    """Caption text by the one decoding policy of every reader (training, labelling, evaluation, concept pools):
+    UTF-8 or nothing. `raw` is bytes, or text read with errors="surrogateescape" (undecodable bytes kept as lone
+    surrogates). None when it is not valid UTF-8: the caller skips the record that holds it (a `.txt` member, a CSV
+    row, a line) and counts it once as `invalid_utf8`; undecodable bytes are never replaced (U+FFFD) nor kept."""
     try:
-        captions = [line for line in (text or b"").decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
+        if isinstance(raw, str):
+            raw.encode("utf-8")  # fails on lone surrogates
+            return raw
+        return raw.decode("utf-8")
+    except UnicodeError:
+        return None
+
+
+def decode_captions(text: bytes | None) -> tuple[list[str], str | None]:
+    """(the non-empty lines of a shard sample's `.txt` member, None), or ([], "missing_caption" | "invalid_utf8")."""
+    decoded = decode_text(text or b"")
+    if decoded is None:
         return [], "invalid_utf8"
+    captions = [line for line in decoded.splitlines() if line.strip()]
     return captions, None if captions else "missing_caption"
 
 

@@ -53,6 +53,7 @@ from clipkd_dino.data.identity import Shard, csv_source, identity_hashes, sample
 from clipkd_dino.data.loader import batches as loader_batches
 from clipkd_dino.data.loader import data_loader
 from clipkd_dino.data.samples import RawSample, SampleRef, data_format, expand_shards, index_shard, read_sample
+from clipkd_dino.data.tars import open_shard
 from clipkd_dino.data.views import ViewSpec
 from clipkd_dino.errors import ConfigError, UserError
 
@@ -291,7 +292,7 @@ class ShardStream:
         shard = self.pieces(pointer[0])[0]
         if self._open is None or self._open[0] != shard.url:
             self.close()
-            self._open = (shard.url, open(shard.url, "rb", buffering=0))  # each member: one read of its size
+            self._open = (shard.url, open_shard(shard.url))  # each member: one read of its size
         ref = refs[pointer[1]]
         return read_sample(shard.url, ref, self._open[1]), sample_identity(shard.source, ref.key)
 

@@ -4,10 +4,11 @@ Training draws image-caption pairs at random (`pairs.py`); a pass over the data 
 its key, its image and every caption. The data is cut into *units*, each processed and written as a whole (so a pass
 resumes unit by unit and torchrun ranks split the units):
 
-- webdataset: a unit is a shard. Its tar headers are indexed once (no image is decoded for that), then members are
-  read by offset, so a DataLoader can read a shard with several workers in order. The key is webdataset's
-  `__key__`; captions are the non-empty lines of the `.txt` member; a `.json` member is kept as metadata. A key
-  repeated within a shard is refused (a UserError naming the shard and both members).
+- webdataset: a unit is a shard. Its tar headers are indexed once (`tars.ShardMembers`: no image is decoded for
+  that), then members are read by offset (`tars.read_member`), so a DataLoader can read a shard with several
+  workers in order. The key is webdataset's `__key__`; captions are the non-empty lines of the `.txt` member; a
+  `.json` member is kept as metadata. A key repeated within a shard is refused (a UserError naming the shard and
+  both members).
 - CSV: rows are grouped by image path (open_clip CSVs hold one row per caption); the key is the image path as
   written in the CSV; a unit is a block of `CSV_UNIT_SIZE` images in order of their first UTF-8 row. The file is
   read once into a `csv_table.CsvTable` (numpy arrays); a unit's SampleRefs are made from it when it is read.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from braceexpand import braceexpand
 from clipkd_dino.data.csv_table import CsvTable
 from clipkd_dino.data.faults import decode_captions
 from clipkd_dino.data.identity import csv_source, sample_identity, shard_sources
+from clipkd_dino.data.tars import ShardMembers, open_shard, read_member
 from clipkd_dino.errors import ConfigError, UserError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -165,11 +166,8 @@ def read_sample(path: str, ref: SampleRef, handle: BinaryIO | None = None) -> Ra
     if not ref.members:
         return RawSample(ref.key, ref.image_path, list(ref.captions), None,
                          problem=None if ref.captions else "missing_caption")
-    parts = {}
-    with contextlib.nullcontext(handle) if handle is not None else open(path, "rb") as stream:
-        for ext, (offset, size) in ref.members.items():
-            stream.seek(offset)
-            parts[ext] = stream.read(size)
+    with contextlib.nullcontext(handle) if handle is not None else open_shard(path) as shard:
+        parts = {ext: read_member(shard, offset, size) for ext, (offset, size) in ref.members.items()}
     image_ext = image_member(ref)
     if image_ext is None:
         return RawSample(ref.key, None, [], None, problem="missing_image")
@@ -189,52 +187,19 @@ def image_member(ref: SampleRef) -> str | None:
 def index_shard(url: str, problems: Counter) -> tuple[SampleRef, ...]:
     """The complete samples of a shard in order, from its tar headers alone (no member data is read); a shard that
     is missing, empty, not a tar or truncated counts its problem once (the samples before a break are kept)."""
-    try:
-        end = Path(url).stat().st_size  # a truncated last member lies past the end of the file: dropped below
-    except OSError:
-        problems["not_a_tar"] += 1
-        return ()
-    if end == 0:
-        problems["empty_file"] += 1
-        return ()
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    truncated = False
-    try:
-        # unbuffered: each header is one 512-byte read, not a buffer refill, so indexing costs ~1% of the data
-        with open(url, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as archive:
-            while True:
-                try:
-                    member = archive.next()
-                except (tarfile.TarError, EOFError, OSError):
-                    truncated = True
-                    break
-                if member is None:
-                    break
-                if not member.isfile():
-                    continue
-                directory, _, name = member.name.rpartition("/")
-                stem, dot, ext = name.partition(".")
-                if not dot:
-                    continue
-                key = f"{directory}/{stem}" if directory else stem
-                members = samples.setdefault(key, {})
-                if ext.lower() in members:
-                    raise UserError(f"{url}: sample key {key!r} appears twice (members {member.name!r} at bytes "
-                                    f"{members[ext.lower()][0]} and {member.offset_data}): keys must be unique "
-                                    "within a data source")
-                members[ext.lower()] = (member.offset_data, member.size)
-    except (tarfile.TarError, OSError):
-        problems["not_a_tar"] += 1
-        return ()
-    complete = {key: members for key, members in samples.items()
-                if all(offset + size <= end for offset, size in members.values())}
-    if truncated or len(complete) < len(samples):
-        problems["truncated_shard"] += 1
-        last = next(reversed(complete), None)
-        if last is not None and not ("txt" in complete[last] and any(ext in complete[last] for ext in
-                                                                     IMAGE_EXTENSIONS)):
-            del complete[last]  # the sample the break cut in two: part of the truncation, not a fault of its own
-    return tuple(SampleRef(key, members) for key, members in complete.items())
+    shard = ShardMembers(url, problems)
+    for member in shard:
+        members = samples.setdefault(member.key, {})
+        if member.ext in members:
+            raise UserError(f"{url}: sample key {member.key!r} appears twice (members {member.name!r} at bytes "
+                            f"{members[member.ext][0]} and {member.offset}): keys must be unique within a data "
+                            "source")
+        members[member.ext] = (member.offset, member.size)
+    last = samples[next(reversed(samples))] if shard.truncated and samples else None
+    if last is not None and not ("txt" in last and any(ext in last for ext in IMAGE_EXTENSIONS)):
+        samples.popitem()  # the sample the break cut in two: part of the truncation, not a fault of its own
+    return tuple(SampleRef(key, members) for key, members in samples.items())
 
 
 def _csv_units(path: str, separator: str, img_key: str, caption_key: str) -> list[Unit]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipkd_dino.data.faults import decode_text
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.search import GALLERY_CHUNK, QUERY_CHUNK, top_k
 from clipkd_dino.eval.skips import skip_or_raise
@@ -166,9 +167,8 @@ def read_retrieval_file(path: str | Path, check_images: bool = True, skip_bad: b
     with path.open("rb") as lines:
         for number, raw in enumerate(lines, start=1):
             where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
+            line = decode_text(raw)
+            if line is None:
                 skip_or_raise(problems, "invalid_utf8", f"{where}: not UTF-8", skip_bad)
                 continue
             if not line.strip():

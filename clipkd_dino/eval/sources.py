@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from clipkd_dino.data.faults import decode_captions
 from clipkd_dino.data.samples import SampleRef, image_member, list_units, unit_samples
+from clipkd_dino.data.tars import open_shard, read_member
 from clipkd_dino.errors import UserError
 from clipkd_dino.eval.retrieval import RetrievalSet
 from clipkd_dino.eval.skips import skip_or_raise
@@ -42,9 +43,8 @@ class ShardMember:
     size: int
 
     def read(self) -> bytes:
-        with open(self.shard, "rb") as handle:
-            handle.seek(self.offset)
-            return handle.read(self.size)
+        with open_shard(self.shard) as handle:
+            return read_member(handle, self.offset, self.size)
 
 
 def read_karpathy(path: str | Path, images_root: str | Path, split: str = "test",
