@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from clipkd_dino.cli import main
-from clipkd_dino.data import commands
+from clipkd_dino.toyworld import commands
 from clipkd_dino.toyworld.generate import (
     COLOURS,
     DEFAULT_SHARD_SIZE,
