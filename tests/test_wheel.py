@@ -1,7 +1,7 @@
 """The package as users install it: a wheel built from the checkout, installed into a fresh environment (its
 dependencies taken from this one's site-packages), and the commands run from an empty folder, away from the
-checkout: labelling with the shipped prompt templates, export, evaluation and the demo (with the 64-dim student:
-the projector case)."""
+checkout: labelling with the shipped prompt templates, export, evaluation and the smoke demo over two seeds (with the
+64-dim student: the projector case). The suite's one run of the CLIP demo: it checks the demo's outputs too."""
 
 from __future__ import annotations
 
@@ -69,20 +69,45 @@ def test_the_wheel_carries_what_the_commands_read_at_run_time(installed, tmp_pat
           "--out", "eval.json", "--no-cache", "--workers", "0"], empty)
     assert json.loads((empty / "eval.json").read_text())["retrieval"]["any_caption"]["i2t_R@10"] > 0
 
-    # the demo with the 64-dim student (the projector case; the same-dim default is tested in test_demo.py)
-    _run([clipkd, "demo", "--smoke", "--student", "toy-student", "--device", "cpu"], empty, timeout=900)
-    demo = empty / "runs" / "demo"
-    report, summary = (demo / "report.md").read_text(), json.loads((demo / "summary.json").read_text())
-    assert "toy-student, embedding dim 64" in report and "BatchNorm -> Dropout -> Linear" in report
-    assert "1 seed: a paired interval needs at least 2 seeds" in report
-    assert summary["paired"]["zero-shot top-1"]["verdict"] == "needs ≥ 2 seeds"
-    latest = demo / "students" / "clip-kd_dino_seed0" / "checkpoints" / "latest.pt"
-    objective = torch.load(latest, weights_only=True)["objective"]
-    assert {"project_image.weight", "dino_projector.2.weight"} <= set(objective)
-    geometry = summary["geometry"]
-    assert {"projected_norms", "cosine_teacher_means"} <= set(geometry["CLIP-KD + dino#0"])
-    assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
+    # the smoke demo over two seeds, with the 64-dim student (the projector case): the main job's every stage
+    _run([clipkd, "demo", "--smoke", "--student", "toy-student", "--seeds", "2", "--device", "cpu"], empty,
+         timeout=900)
+    check_smoke_demo(empty / "runs" / "demo", empty / "data" / "toyworld_smoke")
     # the classification demo's recipes (its training is tested in test_demo.py)
     _run([installed / "python", "-c", "from clipkd_dino.classify.config import load_cls_config; "
           "from clipkd_dino.classify.demo import CONFIGS; "
           "[load_cls_config(CONFIGS / name, []) for name in ('teacher.yaml', 'student.yaml')]"], empty)
+
+
+def check_smoke_demo(out: Path, data: Path) -> None:
+    """The smoke demo's report, plots and summary: three students a seed over two seeds, the paired table in numbers
+    and words, and the projector case (64-dim student, 96-dim teacher) in checkpoints, geometry and report."""
+    report, summary = (out / "report.md").read_text(), json.loads((out / "summary.json").read_text())
+    for row in ("teacher (toy-teacher)", "student: no teacher", "student: CLIP-KD |", "student: CLIP-KD + dino"):
+        assert row in report
+    assert "Against toyworld's ground truth" in report and "| coverage | min margin | precision |" in report
+    assert "toy-student, embedding dim 64" in report and "BatchNorm -> Dropout -> Linear" in report
+    for plot in ("curves.png", "losses.png", "norms.png", "labels/stats.png"):
+        assert (out / plot).read_bytes().startswith(b"\x89PNG"), plot
+    assert [(s["name"], s["seed"]) for s in summary["students"]] == [
+        (name, seed) for seed in (0, 1) for name in ("no teacher", "CLIP-KD", "CLIP-KD + dino")]
+    assert sorted(summary["pool"]) == sorted(json.loads((data / "val" / "zeroshot" / "classnames.json").read_text()))
+    # the paired table: dino minus CLIP-KD seed by seed, its interval, in words
+    by = {(s["name"], s["seed"]): s["metrics"]["zeroshot"]["top1"] for s in summary["students"]}
+    paired = summary["paired"]["zero-shot top-1"]
+    assert paired["diffs"] == pytest.approx([by["CLIP-KD + dino", s] - by["CLIP-KD", s] for s in (0, 1)])
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    row = next(line for line in report.splitlines() if line.startswith("| zero-shot top-1 |"))
+    assert f"[{paired['low']:+.2f}, {paired['high']:+.2f}]" in row and paired["verdict"] in row
+    assert "Over 2 paired seeds the 95% interval excludes 0 for" in report or \
+        "Over 2 paired seeds every 95% interval includes 0" in report
+    # the projector case: FD and dino projectors trained and kept; the dino student measured through its projector
+    dino_dir, kd_dir = out / "students" / "clip-kd_dino_seed0", out / "students" / "clip-kd_seed0"
+    objective = torch.load(dino_dir / "checkpoints" / "latest.pt", weights_only=True)["objective"]
+    assert {"project_image.weight", "dino_projector.2.weight"} <= set(objective)
+    geometry = summary["geometry"]
+    assert {"projected_norms", "cosine_teacher_means"} <= set(geometry["CLIP-KD + dino#0"])
+    assert "cosine_teacher_means" not in geometry["CLIP-KD#0"]
+    logs = [json.loads(line) for line in (dino_dir / "log.jsonl").read_text().splitlines()]
+    assert "loss_dino" in logs[-1] and "loss_dino" not in json.loads(
+        (kd_dir / "log.jsonl").read_text().splitlines()[-1])
