@@ -113,3 +113,86 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
     done.update({units[1].name, units[3].name})
     label_pass.LabelPass._wait_for_parts(waiting)  # all there: returns at once
 
+
+
+def fake_labelling_output(folder, digest: str = "a" * 64):
+    """A labelling output's files (random bytes) with the pass's digest in class_means.json and the cache manifest."""
+    from clipkd_dino.distill.staging import read_files
+
+    (folder / "cache").mkdir(parents=True, exist_ok=True)
+    (folder / "cache" / "manifest.json").write_text(json.dumps({"digest": digest}))
+    for n, name in enumerate(read_files(folder)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith(".json"):
+            (folder / name).write_bytes(os.urandom(100 + n))
+    (folder / "class_means.json").write_text(json.dumps({"digest": digest}))
+    (folder / "samples" / "sources.json").write_text("{}")
+    return folder
+
+
+def test_a_node_copies_a_labelling_output_once_reuses_it_and_replaces_a_stale_one(tmp_path, capsys):
+    import time
+
+    from clipkd_dino.distill.staging import read_files, stage_outputs
+
+    source = fake_labelling_output(tmp_path / "labels")
+    root = tmp_path / "stage"
+    copy = stage_outputs([source], root, timeout=60)[source]
+    assert copy == root / f"labels-{'a' * 16}" and "copied" in capsys.readouterr().err
+    files = read_files(source)
+    assert all((copy / name).read_bytes() == (source / name).read_bytes() for name in files)
+    assert sorted(p.name for p in root.iterdir()) == [copy.name]  # no temporary left
+    stamps = {name: (copy / name).stat().st_mtime_ns for name in files}
+    assert stage_outputs([source], root, timeout=60)[source] == copy
+    assert "reused its complete copy" in capsys.readouterr().err
+    assert stamps == {name: (copy / name).stat().st_mtime_ns for name in files}  # nothing copied again
+
+    (copy / "cache" / "images.npy").write_bytes(b"torn")  # an incomplete copy: replaced
+    crashed = root / f".{copy.name}.tmp-node-1"  # a copy that crashed before its rename: removed, never used
+    crashed.mkdir()
+    (crashed / "stage.json").write_text("{}")
+    os.utime(crashed, (time.time() - 120,) * 2)
+    os.utime(crashed / "stage.json", (time.time() - 120,) * 2)
+    stage_outputs([source], root, timeout=60)
+    assert "copied" in capsys.readouterr().err and sorted(p.name for p in root.iterdir()) == [copy.name]
+    assert (copy / "cache" / "images.npy").read_bytes() == (source / "cache" / "images.npy").read_bytes()
+
+    fake_labelling_output(source, digest="b" * 64)  # labelled again: another pass, another copy
+    assert stage_outputs([source], root, timeout=60)[source] == root / f"labels-{'b' * 16}"
+
+
+def test_a_nodes_other_ranks_wait_for_its_copy_with_a_deadline(tmp_path):
+    import threading
+
+    import pytest
+
+    from clipkd_dino.distill.staging import Stage
+    from clipkd_dino.errors import UserError
+
+    source = fake_labelling_output(tmp_path / "labels")
+    stage = Stage(source, tmp_path / "stage")
+    with pytest.raises(UserError, match=r"waited 0.5 s without progress for local rank 0's copy of .*labels to "
+                                        r".*stage/labels-a{16} \(distill.stage_dir\)"):
+        stage.wait(0.5)
+    copier = threading.Timer(0.3, stage.make, (60,))
+    copier.start()
+    stage.wait(10)  # returns once local rank 0's copy is complete
+    copier.join()
+    assert stage.complete()
+
+
+def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tmp_path, monkeypatch):
+    import pytest
+
+    from clipkd_dino.distill import staging
+    from clipkd_dino.errors import UserError
+
+    source = fake_labelling_output(tmp_path / "labels")
+    other_node = {"distill.cache": "labelling pass " + "b" * 16, "distill.labels": "labelling pass " + "a" * 16}
+    monkeypatch.setattr(staging, "gathered_objects", lambda mine: [mine, mine, ("gpu2", other_node)])
+    with pytest.raises(UserError) as error:
+        staging.check_same_outputs({"distill.labels": source, "distill.cache": source})
+    host = socket.gethostname()
+    assert str(error.value) == (f"distill.cache {source} is not the same on every rank: rank 0 ({host}) reads "
+                                f"labelling pass {'a' * 16}, rank 2 (gpu2) labelling pass {'b' * 16}; put it on a "
+                                "file system every node shares (distill.stage_dir then copies it to each node's disk)")
