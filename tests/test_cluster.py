@@ -1,6 +1,6 @@
-"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) form one job (torchrun
-agents as two "nodes": tests/test_teacher.py's two-process labelling); an output folder a node does not share, and
-a lost labelling rank, end with an error within a deadline."""
+"""Beyond one node: `srun` tasks (SLURM's variables, no torchrun) and torchrun agents as two "nodes" form one job;
+an output folder a node does not share, labelling outputs that differ between ranks, and a lost labelling rank end
+with an error within a deadline; each node's copy of the teacher cache (distill.stage_dir); the SLURM scripts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 
 from clipkd_dino.engine.distributed import adopt_slurm_environment, first_host
-from conftest import REPO
+from conftest import REPO, torchrun_cli
 
 
 def test_slurm_node_lists_and_variables_map_to_torchrun_names():
@@ -89,8 +91,6 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
     seconds is an error naming the missing units and their ranks, not a wait for ever."""
     from types import SimpleNamespace
 
-    import pytest
-
     from clipkd_dino.data.samples import Unit
     from clipkd_dino.errors import UserError
     from clipkd_dino.teacher import label_pass
@@ -134,6 +134,7 @@ def test_a_node_copies_a_labelling_output_once_reuses_it_and_replaces_a_stale_on
     import time
 
     from clipkd_dino.distill.staging import read_files, stage_outputs
+    from clipkd_dino.errors import UserError
 
     source = fake_labelling_output(tmp_path / "labels")
     root = tmp_path / "stage"
@@ -159,12 +160,13 @@ def test_a_node_copies_a_labelling_output_once_reuses_it_and_replaces_a_stale_on
 
     fake_labelling_output(source, digest="b" * 64)  # labelled again: another pass, another copy
     assert stage_outputs([source], root, timeout=60)[source] == root / f"labels-{'b' * 16}"
+    with pytest.raises(UserError, match=r"distill.stage_dir \$CLIPKD_UNSET/x: no node-local copy on .*\(rank 0\); "
+                                        r"rank 0: distill.stage_dir \$CLIPKD_UNSET/x: \$CLIPKD_UNSET is not set on"):
+        stage_outputs([source], "$CLIPKD_UNSET/x", timeout=60)  # not a folder named '$CLIPKD_UNSET'
 
 
 def test_a_nodes_other_ranks_wait_for_its_copy_with_a_deadline(tmp_path):
     import threading
-
-    import pytest
 
     from clipkd_dino.distill.staging import Stage
     from clipkd_dino.errors import UserError
@@ -182,8 +184,6 @@ def test_a_nodes_other_ranks_wait_for_its_copy_with_a_deadline(tmp_path):
 
 
 def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tmp_path, monkeypatch):
-    import pytest
-
     from clipkd_dino.distill import staging
     from clipkd_dino.errors import UserError
 
@@ -196,3 +196,91 @@ def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tm
     assert str(error.value) == (f"distill.cache {source} is not the same on every rank: rank 0 ({host}) reads "
                                 f"labelling pass {'a' * 16}, rank 2 (gpu2) labelling pass {'b' * 16}; put it on a "
                                 "file system every node shares (distill.stage_dir then copies it to each node's disk)")
+
+
+def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_shared_one(tmp_path, toyworld_dir,
+                                                                                        label_dir_shards):
+    """Two torchrun agents as two nodes (`--nnodes 2`, c10d; one process each) form one job; with a stage folder
+    per node (`$GROUP_RANK`, the node's rank, in distill.stage_dir), each node copies the teacher cache and labels
+    once and its rank reads the copy; the weights equal those of the same job reading the shared folder. A later
+    start on a node reuses its copy."""
+    from clipkd_dino.distill.staging import Stage, stage_outputs
+
+    write_config(tmp_path, toyworld_dir)
+    train = ["train", str(tmp_path / "config.yaml"), "distill.teacher=toy-teacher",
+             f"distill.cache={label_dir_shards}", f"distill.labels={label_dir_shards}"]
+    stage = tmp_path / "stage"
+    staged = torchrun_cli(2, *train, f"distill.stage_dir={stage}/$GROUP_RANK", nodes=2)
+    assert staged.returncode == 0, staged.stderr[-3000:]
+    shared = torchrun_cli(2, *train, f"train.output_dir={tmp_path / 'shared'}", nodes=2)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
+    copies = {node: Stage(label_dir_shards, stage / node).copy for node in ("0", "1")}
+    for copy in copies.values():
+        assert staged.stderr.count(f"reads {label_dir_shards} from {copy}: copied") == 1, staged.stderr[-3000:]
+    assert "distill.stage_dir" not in shared.stderr
+    weights, expected = (torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+                         for run in (tmp_path / "run", tmp_path / "shared"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, msg=name)
+
+    stamps = {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
+    assert stage_outputs([label_dir_shards], stage / "1", timeout=60) == {label_dir_shards: copies["1"]}
+    assert stamps == {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
+
+
+def sbatch_options(script) -> dict[str, str]:
+    """The `#SBATCH --key=value` lines of a batch script (a flag without a value maps to '')."""
+    lines = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
+    return dict((option.lstrip("-").split("=", 1) + [""])[:2] for option in lines)
+
+
+def run_batch_script(tmp_path, script, nodes: int, srun_exit: int = 0) -> tuple[int, list[str], str]:
+    """(exit code, srun's arguments, what scontrol was asked) of `script` run as SLURM would on `nodes` nodes of 8
+    tasks, with an srun that records its arguments and exits with `srun_exit`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    calls.mkdir(exist_ok=True)
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("srun", f'printf "%s\\n" "$@" > {calls}/srun\nexit {srun_exit}'),
+                       ("scontrol", f'echo "$@" > {calls}/scontrol')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES=str(nodes),
+                   SLURM_NTASKS_PER_NODE="8", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO))
+    code = subprocess.run(["bash", str(script)], env=environ, timeout=60).returncode
+    scontrol = calls / "scontrol"
+    return code, (calls / "srun").read_text().splitlines(), scontrol.read_text().strip() if scontrol.exists() else ""
+
+
+def test_slurm_scripts_start_one_task_per_gpu_and_requeue_a_stopped_training(tmp_path):
+    """scripts/slurm/*.sbatch: 8 tasks of 10 cores on 8 GPUs a node, srun one task per GPU (a fake srun on the
+    PATH), training with the recipe's global batch on 1 and 4 nodes, its caches staged on each node's disk, resumed
+    (`--resume auto`) and requeued after SIGTERM made it save and exit 143."""
+    from clipkd_dino.config import load_config
+
+    train, label = REPO / "scripts" / "slurm" / "train.sbatch", REPO / "scripts" / "slurm" / "label.sbatch"
+    for script in (train, label):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        options = sbatch_options(script)
+        assert {key: options[key] for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task")} == \
+            {"nodes": "1", "ntasks-per-node": "8", "gpus-per-node": "8", "cpus-per-task": "10"}
+        assert "requeue" in options
+    assert sbatch_options(train)["signal"] == "TERM@300"
+
+    for nodes, batch in ((1, 128), (4, 32)):
+        code, srun, requeued = run_batch_script(tmp_path, train, nodes)
+        assert code == 0 and not requeued
+        command = srun.index("-m")
+        assert "--kill-on-bad-exit=1" in srun[:command] and srun[command + 1:command + 6] == [
+            "clipkd_dino.cli", "train", "configs/clip/vit_b16_to_vit_t16_cc3m.yaml", "--resume", "auto"]
+        overrides = srun[command + 6:]
+        assert overrides == [f"train.batch_size={batch}", "data.workers=8", "distill.stage_dir=$TMPDIR/clipkd-stage"]
+        config = load_config(REPO / srun[command + 3], overrides)  # the keys exist; $TMPDIR is each task's own
+        assert config.train.batch_size * nodes * 8 == 1024 and config.data.workers + 2 == 10
+    assert run_batch_script(tmp_path, train, 1, srun_exit=143)[::2] == (143, "requeue 4242")
+
+    code, srun, _ = run_batch_script(tmp_path, label, 4)
+    assert code == 0 and srun[srun.index("-m") + 1:srun.index("-m") + 3] == ["clipkd_dino.cli", "label"]
+    assert srun[srun.index("--workers") + 1] == "8" and srun[srun.index("--out") + 1] == "runs/cc3m_labels"

@@ -120,7 +120,7 @@ class Stage:
         if self.complete():
             return 0
         for abandoned in self.temporaries():  # a crashed copy; one making progress is another job's
-            if time.time() - _newest_change(abandoned) > timeout:
+            if time.time() - max((stat.st_mtime for stat in _stats(abandoned)), default=time.time()) > timeout:
                 shutil.rmtree(abandoned, ignore_errors=True)
         temp = self.copy.parent / f".{self.copy.name}.tmp-{socket.gethostname()}-{os.getpid()}"
         try:
@@ -157,8 +157,7 @@ class Stage:
         `timeout` seconds in which no copy of it grew."""
         progress, since = None, time.monotonic()
         while not self.complete():
-            now = sum(path.stat().st_size for temp in self.temporaries() for path in temp.rglob("*")
-                      if path.is_file())
+            now = sum(stat.st_size for temp in self.temporaries() for stat in _stats(temp))
             if now != progress:
                 progress, since = now, time.monotonic()
             elif time.monotonic() - since > timeout:
@@ -167,20 +166,25 @@ class Stage:
             time.sleep(POLL_SECONDS)
 
 
-def _newest_change(folder: Path) -> float:
-    """The last time anything in `folder` changed (0 when it is gone)."""
-    try:
-        return max([folder.stat().st_mtime, *(path.stat().st_mtime for path in folder.rglob("*"))])
-    except OSError:
-        return 0.0
+def _stats(folder: Path) -> list[os.stat_result]:
+    """The stat of `folder` and of everything in it, leaving out what vanishes meanwhile (a copy being renamed)."""
+    stats = []
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            stats.append(path.stat())
+        except OSError:
+            pass
+    return stats
 
 
-def stage_outputs(folders: list[Path], root: Path, timeout: float) -> dict[Path, Path]:
-    """source -> its node-local copy under `root`, made by local rank 0 and waited for by the node's other ranks;
-    a UserError on every rank naming the ranks where staging failed (one all-gather)."""
+def stage_outputs(folders: list[Path], setting: str | Path, timeout: float) -> dict[Path, Path]:
+    """source -> its node-local copy under the folder `setting` names (`stage_root`), made by local rank 0 and
+    waited for by the node's other ranks; a UserError on every rank naming the ranks where staging failed (one
+    all-gather)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     staged, error = {}, None
     try:
+        root = stage_root(str(setting))
         for source in folders:
             stage = Stage(source, root)
             if local_rank == 0:
@@ -193,15 +197,25 @@ def stage_outputs(folders: list[Path], root: Path, timeout: float) -> dict[Path,
             else:
                 stage.wait(timeout)
             staged[source] = stage.copy
-    except UserError as failure:
+    except (UserError, OSError) as failure:  # reported to every rank below, never left for them to wait on
         error = str(failure)
     failed = [(rank, host, message) for rank, (host, message)
               in enumerate(gathered_objects((socket.gethostname(), error))) if message]
     if failed:
         where = ", ".join(f"{host} (rank {rank})" for rank, host, _ in failed)
-        raise UserError(f"distill.stage_dir {root}: no node-local copy on {where}; rank {failed[0][0]}: "
+        raise UserError(f"distill.stage_dir {setting}: no node-local copy on {where}; rank {failed[0][0]}: "
                         f"{failed[0][2]}")
     return staged
+
+
+def stage_root(setting: str) -> Path:
+    """distill.stage_dir with this process's environment variables expanded; a UserError naming one that is not
+    set (the folder would be a literal `$VAR` folder, perhaps on the shared file system)."""
+    root = os.path.expandvars(setting)
+    if "$" in root:
+        raise UserError(f"distill.stage_dir {setting}: {root[root.index('$'):].split('/')[0]} is not set on "
+                        f"{socket.gethostname()}; name a node-local folder")
+    return Path(root)
 
 
 def local_inputs(cfg: DistillConfig, labels_dir: str | None, timeout: float) -> DistillConfig:
@@ -212,6 +226,6 @@ def local_inputs(cfg: DistillConfig, labels_dir: str | None, timeout: float) -> 
     check_same_outputs(folders)
     if not cfg.stage_dir:
         return cfg
-    staged = stage_outputs(list(dict.fromkeys(folders.values())), Path(os.path.expandvars(cfg.stage_dir)), timeout)
+    staged = stage_outputs(list(dict.fromkeys(folders.values())), cfg.stage_dir, timeout)
     return replace(cfg, cache=str(staged[folders["distill.cache"]]) if cfg.cache else None,
                    labels=str(staged[folders["distill.labels"]]) if labels_dir else None)
