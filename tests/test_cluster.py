@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from clipkd_dino.engine.distributed import adopt_slurm_environment, first_host
+from clipkd_dino.engine.distributed import _restart_store, adopt_slurm_environment, first_host, shared_store_warning
 from conftest import REPO, torchrun_cli
 
 
@@ -33,6 +33,19 @@ def test_slurm_node_lists_and_variables_map_to_torchrun_names():
     assert not adopt_slurm_environment(under_torchrun) and under_torchrun["WORLD_SIZE"] == "2"
     one_task = dict(slurm, SLURM_NTASKS="1")
     assert not adopt_slurm_environment(one_task) and "RANK" not in one_task
+
+
+def test_restarted_groups_on_several_nodes_need_a_store_of_their_own(monkeypatch):
+    """torchrun agents that keep one store for every group: a warning on several nodes under --max-restarts (their
+    restart counts differ, so no prefix is agreed); with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per group) a
+    restarted worker joins it as it is, without the single node's prefix of its restart count."""
+    agents = {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning(agents)
+    assert shared_store_warning(agents | {"TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_warning(agents | {"GROUP_WORLD_SIZE": "1"}) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert _restart_store() is None
 
 
 def write_config(tmp_path, toyworld_dir) -> None:
