@@ -212,12 +212,15 @@ def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tm
 
 
 def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_shared_one(tmp_path, toyworld_dir,
-                                                                                        label_dir_shards):
+                                                                                        label_dir_shards, capfd):
     """Two torchrun agents as two nodes (`--nnodes 2`, c10d; one process each) form one job; with a stage folder
     per node (`$GROUP_RANK`, the node's rank, in distill.stage_dir), each node copies the teacher cache and labels
     once and its rank reads the copy; the weights equal those of the same job reading the shared folder. A later
     start on a node reuses its copy."""
-    from clipkd_dino.distill.staging import Stage, stage_outputs
+    from clipkd_dino.config import load_config
+    from clipkd_dino.distill import build_objective
+    from clipkd_dino.distill.staging import Stage
+    from clipkd_dino.models.factory import create_model
 
     write_config(tmp_path, toyworld_dir)
     train = ["train", str(tmp_path / "config.yaml"), "distill.teacher=toy-teacher",
@@ -239,8 +242,12 @@ def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_
     for name, tensor in expected.items():
         torch.testing.assert_close(weights[name], tensor, msg=name)
 
+    # a later start on node 1 (here in this process) reuses its copy, and its objective reads the copy
     stamps = {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
-    assert stage_outputs([label_dir_shards], stage / "1", timeout=60) == {label_dir_shards: copies["1"]}
+    config = load_config(tmp_path / "config.yaml", [*train[2:], f"distill.stage_dir={stage / '1'}"])
+    targets = build_objective(config, create_model("toy-student"), torch.device("cpu")).batch_targets
+    assert "reused its complete copy" in capfd.readouterr().err
+    assert targets.cache.dir == copies["1"] / "cache" and targets.labels.directory == copies["1"]
     assert stamps == {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
 
 
