@@ -119,7 +119,7 @@ class Stage:
         """Copy the output (local rank 0) unless a complete copy is there; returns the bytes copied."""
         if self.complete():
             return 0
-        for abandoned in self.temporaries():  # a crashed copy; one making progress is another job's
+        for abandoned in self.copy.parent.glob(f".{self.copy.name}.*"):  # crashed copies; not one still growing
             if time.time() - max((stat.st_mtime for stat in _stats(abandoned)), default=time.time()) > timeout:
                 shutil.rmtree(abandoned, ignore_errors=True)
         temp = self.copy.parent / f".{self.copy.name}.tmp-{socket.gethostname()}-{os.getpid()}"
