@@ -209,6 +209,11 @@ def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tm
     assert str(error.value) == (f"distill.cache {source} is not the same on every rank: rank 0 ({host}) reads "
                                 f"labelling pass {'a' * 16}, rank 2 (gpu2) labelling pass {'b' * 16}; put it on a "
                                 "file system every node shares (distill.stage_dir then copies it to each node's disk)")
+    missing = staging._seen(tmp_path / "elsewhere")  # what a rank without the folder reports
+    monkeypatch.setattr(staging, "gathered_objects", lambda mine: [mine, ("gpu1", {"distill.labels": missing})])
+    with pytest.raises(UserError, match=r"rank 1 \(gpu1\) cannot read the digest of the labelling pass in "
+                                        r".*elsewhere/class_means.json: No such file or directory; put it on"):
+        staging.check_same_outputs({"distill.labels": source})
 
 
 def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_shared_one(tmp_path, toyworld_dir,
