@@ -283,6 +283,7 @@ def test_slurm_scripts_start_one_task_per_gpu_and_requeue_a_stopped_training(tmp
     """scripts/slurm/*.sbatch: 8 tasks of 10 cores on 8 GPUs a node, srun one task per GPU (a fake srun on the
     PATH), training with the recipe's global batch on 1 and 4 nodes, its caches staged on each node's disk, resumed
     (`--resume auto`) and requeued after SIGTERM made it save and exit 143."""
+    from clipkd_dino.cli import build_parser
     from clipkd_dino.config import load_config
 
     train, label = REPO / "scripts" / "slurm" / "train.sbatch", REPO / "scripts" / "slurm" / "label.sbatch"
@@ -298,14 +299,16 @@ def test_slurm_scripts_start_one_task_per_gpu_and_requeue_a_stopped_training(tmp
         code, srun, requeued = run_batch_script(tmp_path, train, nodes)
         assert code == 0 and not requeued
         command = srun.index("-m")
-        assert "--kill-on-bad-exit=1" in srun[:command] and srun[command + 1:command + 6] == [
-            "clipkd_dino.cli", "train", "configs/clip/vit_b16_to_vit_t16_cc3m.yaml", "--resume", "auto"]
-        overrides = srun[command + 6:]
-        assert overrides == [f"train.batch_size={batch}", "data.workers=8", "distill.stage_dir=$TMPDIR/clipkd-stage"]
-        config = load_config(REPO / srun[command + 3], overrides)  # the keys exist; $TMPDIR is each task's own
+        assert "--kill-on-bad-exit=1" in srun[:command] and srun[command + 1] == "clipkd_dino.cli"
+        args = build_parser().parse_args(srun[command + 2:])  # the CLI takes it
+        assert (args.command, args.config, args.resume) == ("train", "configs/clip/vit_b16_to_vit_t16_cc3m.yaml",
+                                                            "auto")
+        assert args.overrides == [f"train.batch_size={batch}", "data.workers=8",
+                                  "distill.stage_dir=$TMPDIR/clipkd-stage"]  # $TMPDIR: each task's own
+        config = load_config(REPO / args.config, args.overrides)
         assert config.train.batch_size * nodes * 8 == 1024 and config.data.workers + 2 == 10
     assert run_batch_script(tmp_path, train, 1, srun_exit=143)[::2] == (143, "requeue 4242")
 
     code, srun, _ = run_batch_script(tmp_path, label, 4)
-    assert code == 0 and srun[srun.index("-m") + 1:srun.index("-m") + 3] == ["clipkd_dino.cli", "label"]
-    assert srun[srun.index("--workers") + 1] == "8" and srun[srun.index("--out") + 1] == "runs/cc3m_labels"
+    args = build_parser().parse_args(srun[srun.index("-m") + 2:])
+    assert code == 0 and (args.command, args.workers, args.out, args.cache_views) == ("label", 8, "runs/cc3m_labels", 2)
