@@ -68,7 +68,8 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_epochs: int = 1  # 0: evaluate only after the last epoch
     max_nonfinite_steps: int = 5  # steps with a non-finite loss are skipped; this many in a row stop the run
-    shared_folder_timeout: float = 60.0  # seconds a rank waits to see a file another rank wrote in output_dir
+    shared_folder_timeout: float = 60.0  # seconds a rank waits to see a file another rank wrote in output_dir (and
+    # without progress of its node's copy for distill.stage_dir)
     compile: bool = False  # run the objective (student, projectors, losses) under torch.compile
     compile_backend: str = "inductor"  # torch.compile's backend (e.g. aot_eager where inductor cannot build)
 
@@ -97,6 +98,7 @@ class DistillConfig:
     teacher_precision: str = "fp32"  # fp32 | bf16: the frozen teacher's weights (bf16 is ~3x faster on AMX CPUs)
     labels: str | None = None  # `clipkd label` output folder: pseudo-labels and class means (needed by dino)
     cache: str | None = None  # `clipkd label --cache-views K` output folder: no teacher forward at all
+    stage_dir: str | None = None  # node-local folder (e.g. $TMPDIR/clipkd) where each node copies cache and labels
     weights: LossWeights = field(default_factory=LossWeights)
     dino_m: float = 0.0  # teacher-norm scale m
     dino_p: float = 2.0  # norm order p (inf allowed as .inf in YAML)

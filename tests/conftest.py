@@ -29,6 +29,13 @@ def toyworld_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def label_dir_shards(toyworld_dir, tmp_path_factory) -> Path:
+    """Labels and a 2-view cache of the toyworld shards (`label_toyworld`), read-only."""
+    return label_toyworld(toyworld_dir, tmp_path_factory.mktemp("shard_labels") / "labels",
+                          toyworld_dir / "train" / "shards", cache_views=2)
+
+
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """`python -m clipkd_dino.cli ARGS` in a subprocess, output captured as text. Each costs about 10 s of imports
     (torch, torchvision, open_clip, transformers): prefer `clipkd` unless the test needs a process of its own."""

@@ -1,6 +1,6 @@
-"""Launchers beyond torchrun on one node: `srun` tasks (SLURM's variables, no torchrun) form one job (torchrun
-agents as two "nodes": tests/test_teacher.py's two-process labelling); an output folder a node does not share, and
-a lost labelling rank, end with an error within a deadline."""
+"""Beyond one node: `srun` tasks (SLURM's variables, no torchrun) and torchrun agents as two "nodes" form one job;
+an output folder a node does not share, labelling outputs that differ between ranks, and a lost labelling rank end
+with an error within a deadline; each node's copy of the teacher cache (distill.stage_dir); the SLURM scripts."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 
-from clipkd_dino.engine.distributed import adopt_slurm_environment, first_host
-from conftest import REPO
+from clipkd_dino.engine.distributed import _restart_store, adopt_slurm_environment, first_host, shared_store_warning
+from conftest import REPO, torchrun_cli
 
 
 def test_slurm_node_lists_and_variables_map_to_torchrun_names():
@@ -31,6 +33,19 @@ def test_slurm_node_lists_and_variables_map_to_torchrun_names():
     assert not adopt_slurm_environment(under_torchrun) and under_torchrun["WORLD_SIZE"] == "2"
     one_task = dict(slurm, SLURM_NTASKS="1")
     assert not adopt_slurm_environment(one_task) and "RANK" not in one_task
+
+
+def test_restarted_groups_on_several_nodes_need_a_store_of_their_own(monkeypatch):
+    """torchrun agents that keep one store for every group: a warning on several nodes under --max-restarts (their
+    restart counts differ, so no prefix is agreed); with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a store per group) a
+    restarted worker joins it as it is, without the single node's prefix of its restart count."""
+    agents = {"GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning(agents)
+    assert shared_store_warning(agents | {"TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert shared_store_warning(agents | {"GROUP_WORLD_SIZE": "1"}) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    assert _restart_store() is None
 
 
 def write_config(tmp_path, toyworld_dir) -> None:
@@ -89,8 +104,6 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
     seconds is an error naming the missing units and their ranks, not a wait for ever."""
     from types import SimpleNamespace
 
-    import pytest
-
     from clipkd_dino.data.samples import Unit
     from clipkd_dino.errors import UserError
     from clipkd_dino.teacher import label_pass
@@ -113,3 +126,189 @@ def test_rank_0_waits_for_lost_ranks_parts_with_a_deadline(tmp_path, monkeypatch
     done.update({units[1].name, units[3].name})
     label_pass.LabelPass._wait_for_parts(waiting)  # all there: returns at once
 
+
+
+def fake_labelling_output(folder, digest: str = "a" * 64):
+    """A labelling output's files (random bytes) with the pass's digest in class_means.json and the cache manifest."""
+    from clipkd_dino.distill.staging import read_files
+
+    (folder / "cache").mkdir(parents=True, exist_ok=True)
+    (folder / "cache" / "manifest.json").write_text(json.dumps({"digest": digest}))
+    for n, name in enumerate(read_files(folder)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if not name.endswith(".json"):
+            (folder / name).write_bytes(os.urandom(100 + n))
+    (folder / "class_means.json").write_text(json.dumps({"digest": digest}))
+    (folder / "samples" / "sources.json").write_text("{}")
+    return folder
+
+
+def test_a_node_copies_a_labelling_output_once_reuses_it_and_replaces_a_stale_one(tmp_path, capsys):
+    import time
+
+    from clipkd_dino.distill.staging import read_files, stage_outputs
+    from clipkd_dino.errors import UserError
+
+    source = fake_labelling_output(tmp_path / "labels")
+    root = tmp_path / "stage"
+    copy = stage_outputs([source], root, timeout=60)[source]
+    assert copy == root / f"labels-{'a' * 16}" and "copied" in capsys.readouterr().err
+    files = read_files(source)
+    assert all((copy / name).read_bytes() == (source / name).read_bytes() for name in files)
+    assert sorted(p.name for p in root.iterdir()) == [copy.name]  # no temporary left
+    stamps = {name: (copy / name).stat().st_mtime_ns for name in files}
+    assert stage_outputs([source], root, timeout=60)[source] == copy
+    assert "reused its complete copy" in capsys.readouterr().err
+    assert stamps == {name: (copy / name).stat().st_mtime_ns for name in files}  # nothing copied again
+
+    (copy / "cache" / "images.npy").write_bytes(b"torn")  # an incomplete copy: replaced
+    crashed = root / f".{copy.name}.tmp-node-1"  # a copy that crashed before its rename: removed, never used
+    crashed.mkdir()
+    (crashed / "stage.json").write_text("{}")
+    os.utime(crashed, (time.time() - 120,) * 2)
+    os.utime(crashed / "stage.json", (time.time() - 120,) * 2)
+    stage_outputs([source], root, timeout=60)
+    assert "copied" in capsys.readouterr().err and sorted(p.name for p in root.iterdir()) == [copy.name]
+    assert (copy / "cache" / "images.npy").read_bytes() == (source / "cache" / "images.npy").read_bytes()
+
+    fake_labelling_output(source, digest="b" * 64)  # labelled again: another pass, another copy
+    assert stage_outputs([source], root, timeout=60)[source] == root / f"labels-{'b' * 16}"
+    with pytest.raises(UserError, match=r"distill.stage_dir \$CLIPKD_UNSET/x: no node-local copy on .*\(rank 0\); "
+                                        r"rank 0: distill.stage_dir \$CLIPKD_UNSET/x: \$CLIPKD_UNSET is not set on"):
+        stage_outputs([source], "$CLIPKD_UNSET/x", timeout=60)  # not a folder named '$CLIPKD_UNSET'
+
+
+def test_a_nodes_other_ranks_wait_for_its_copy_with_a_deadline(tmp_path):
+    import threading
+
+    from clipkd_dino.distill.staging import Stage
+    from clipkd_dino.errors import UserError
+
+    source = fake_labelling_output(tmp_path / "labels")
+    stage = Stage(source, tmp_path / "stage")
+    with pytest.raises(UserError, match=r"waited 0.5 s without progress for local rank 0's copy of .*labels to "
+                                        r".*stage/labels-a{16} \(distill.stage_dir\)"):
+        stage.wait(0.5)
+    copier = threading.Timer(0.3, stage.make, (60,))
+    copier.start()
+    stage.wait(10)  # returns once local rank 0's copy is complete
+    copier.join()
+    assert stage.complete()
+
+
+def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tmp_path, monkeypatch):
+    from clipkd_dino.distill import staging
+    from clipkd_dino.errors import UserError
+
+    source = fake_labelling_output(tmp_path / "labels")
+    other_node = {"distill.cache": "labelling pass " + "b" * 16, "distill.labels": "labelling pass " + "a" * 16}
+    monkeypatch.setattr(staging, "gathered_objects", lambda mine: [mine, mine, ("gpu2", other_node)])
+    with pytest.raises(UserError) as error:
+        staging.check_same_outputs({"distill.labels": source, "distill.cache": source})
+    host = socket.gethostname()
+    assert str(error.value) == (f"distill.cache {source} is not the same on every rank: rank 0 ({host}) reads "
+                                f"labelling pass {'a' * 16}, rank 2 (gpu2) labelling pass {'b' * 16}; put it on a "
+                                "file system every node shares (distill.stage_dir then copies it to each node's disk)")
+    missing = staging._seen(tmp_path / "elsewhere")  # what a rank without the folder reports
+    monkeypatch.setattr(staging, "gathered_objects", lambda mine: [mine, ("gpu1", {"distill.labels": missing})])
+    with pytest.raises(UserError, match=r"rank 1 \(gpu1\) cannot read the digest of the labelling pass in "
+                                        r".*elsewhere/class_means.json: No such file or directory; put it on"):
+        staging.check_same_outputs({"distill.labels": source})
+
+
+def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_shared_one(tmp_path, toyworld_dir,
+                                                                                        label_dir_shards, capfd):
+    """Two torchrun agents as two nodes (`--nnodes 2`, c10d; one process each) form one job; with a stage folder
+    per node (`$GROUP_RANK`, the node's rank, in distill.stage_dir), each node copies the teacher cache and labels
+    once and its rank reads the copy; the weights equal those of the same job reading the shared folder. A later
+    start on a node reuses its copy."""
+    from clipkd_dino.config import load_config
+    from clipkd_dino.distill import build_objective
+    from clipkd_dino.distill.staging import Stage
+    from clipkd_dino.models.factory import create_model
+
+    write_config(tmp_path, toyworld_dir)
+    train = ["train", str(tmp_path / "config.yaml"), "distill.teacher=toy-teacher",
+             f"distill.cache={label_dir_shards}", f"distill.labels={label_dir_shards}"]
+    stage = tmp_path / "stage"
+    staged = torchrun_cli(2, *train, f"distill.stage_dir={stage}/$GROUP_RANK", nodes=2)
+    assert staged.returncode == 0, staged.stderr[-3000:]
+    shared = torchrun_cli(2, *train, f"train.output_dir={tmp_path / 'shared'}", nodes=2)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
+    copies = {node: Stage(label_dir_shards, stage / node).copy for node in ("0", "1")}
+    for copy in copies.values():
+        assert staged.stderr.count(f"reads {label_dir_shards} from {copy}: copied") == 1, staged.stderr[-3000:]
+    assert "distill.stage_dir" not in shared.stderr
+    weights, expected = (torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+                         for run in (tmp_path / "run", tmp_path / "shared"))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, msg=name)
+
+    # a later start on node 1 (here in this process) reuses its copy, and its objective reads the copy
+    stamps = {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
+    config = load_config(tmp_path / "config.yaml", [*train[2:], f"distill.stage_dir={stage / '1'}"])
+    targets = build_objective(config, create_model("toy-student"), torch.device("cpu")).batch_targets
+    assert "reused its complete copy" in capfd.readouterr().err
+    assert targets.cache.dir == copies["1"] / "cache" and targets.labels.directory == copies["1"]
+    assert stamps == {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
+
+
+def sbatch_options(script) -> dict[str, str]:
+    """The `#SBATCH --key=value` lines of a batch script (a flag without a value maps to '')."""
+    lines = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
+    return dict((option.lstrip("-").split("=", 1) + [""])[:2] for option in lines)
+
+
+def run_batch_script(tmp_path, script, nodes: int, srun_exit: int = 0) -> tuple[int, list[str], str]:
+    """(exit code, srun's arguments, what scontrol was asked) of `script` run as SLURM would on `nodes` nodes of 8
+    tasks, with an srun that records its arguments and exits with `srun_exit`."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    calls.mkdir(exist_ok=True)
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("srun", f'printf "%s\\n" "$@" > {calls}/srun\nexit {srun_exit}'),
+                       ("scontrol", f'echo "$@" > {calls}/scontrol')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    environ = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NUM_NODES=str(nodes),
+                   SLURM_NTASKS_PER_NODE="8", SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO))
+    code = subprocess.run(["bash", str(script)], env=environ, timeout=60).returncode
+    scontrol = calls / "scontrol"
+    return code, (calls / "srun").read_text().splitlines(), scontrol.read_text().strip() if scontrol.exists() else ""
+
+
+def test_slurm_scripts_start_one_task_per_gpu_and_requeue_a_stopped_training(tmp_path):
+    """scripts/slurm/*.sbatch: 8 tasks of 10 cores on 8 GPUs a node, srun one task per GPU (a fake srun on the
+    PATH), training with the recipe's global batch on 1 and 4 nodes, its caches staged on each node's disk, resumed
+    (`--resume auto`) and requeued after SIGTERM made it save and exit 143."""
+    from clipkd_dino.cli import build_parser
+    from clipkd_dino.config import load_config
+
+    train, label = REPO / "scripts" / "slurm" / "train.sbatch", REPO / "scripts" / "slurm" / "label.sbatch"
+    for script in (train, label):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+        options = sbatch_options(script)
+        assert {key: options[key] for key in ("nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task")} == \
+            {"nodes": "1", "ntasks-per-node": "8", "gpus-per-node": "8", "cpus-per-task": "10"}
+        assert "requeue" in options
+    assert sbatch_options(train)["signal"] == "TERM@300"
+
+    for nodes, batch in ((1, 128), (4, 32)):
+        code, srun, requeued = run_batch_script(tmp_path, train, nodes)
+        assert code == 0 and not requeued
+        command = srun.index("-m")
+        assert "--kill-on-bad-exit=1" in srun[:command] and srun[command + 1] == "clipkd_dino.cli"
+        args = build_parser().parse_args(srun[command + 2:])  # the CLI takes it
+        assert (args.command, args.config, args.resume) == ("train", "configs/clip/vit_b16_to_vit_t16_cc3m.yaml",
+                                                            "auto")
+        assert args.overrides == [f"train.batch_size={batch}", "data.workers=8",
+                                  "distill.stage_dir=$TMPDIR/clipkd-stage"]  # $TMPDIR: each task's own
+        config = load_config(REPO / args.config, args.overrides)
+        assert config.train.batch_size * nodes * 8 == 1024 and config.data.workers + 2 == 10
+    assert run_batch_script(tmp_path, train, 1, srun_exit=143)[::2] == (143, "requeue 4242")
+
+    code, srun, _ = run_batch_script(tmp_path, label, 4)
+    args = build_parser().parse_args(srun[srun.index("-m") + 2:])
+    assert code == 0 and (args.command, args.workers, args.out, args.cache_views) == ("label", 8, "runs/cc3m_labels", 2)

@@ -21,7 +21,6 @@ from clipkd_dino.config import load_config
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.engine.checkpoint import resolve_resume
 from clipkd_dino.train.trainer import Trainer
-from test_syncs import label_dir_shards  # noqa: F401  (the fixture: labels and a 2-view cache of the shards)
 from conftest import REPO
 from test_train import read_log, write_config
 

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import label_toyworld
-
 PROBE = Path(__file__).parent / "sync_probe.py"
 
 
@@ -60,10 +58,3 @@ def test_one_host_sync_per_step_outside_logging_steps(tmp_path, toyworld_dir, pr
             # teacher's and the projected ones) and backward (those with a gradient); then the step's one exchange
             per_micro = 6 + 4 if distill else 2 + 2
             assert all(counts["collectives"][s] == 2 * per_micro + 1 for s in quiet), counts["collectives"]
-
-
-@pytest.fixture(scope="module")
-def label_dir_shards(toyworld_dir, tmp_path_factory) -> Path:
-    """Labels and a 2-view cache of the toyworld shards."""
-    return label_toyworld(toyworld_dir, tmp_path_factory.mktemp("sync_labels") / "labels",
-                          toyworld_dir / "train" / "shards", cache_views=2)

@@ -52,9 +52,11 @@ def build_objective(config: Config, model: nn.Module, device: torch.device) -> n
     cfg = config.distill
     if cfg.teacher is None:
         return CLIPObjective(model).to(device)
+    from clipkd_dino.distill.staging import local_inputs
     from clipkd_dino.distill.teachers import BatchTargets, CachedTeacher, OnlineTeacher
     from clipkd_dino.teacher import load_labels
 
+    cfg = local_inputs(cfg, labels_folder(cfg), config.train.shared_folder_timeout)  # node-local copies, if asked
     teacher = (CachedTeacher(cfg.cache, model) if cfg.cache else
                OnlineTeacher(cfg.teacher, cfg.teacher_pretrained, cfg.teacher_precision, device, model))
     labels_dir = labels_folder(cfg)

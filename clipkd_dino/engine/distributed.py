@@ -76,6 +76,9 @@ def init_distributed(device_type: str) -> DistInfo:
     if world_size == 1:
         return DistInfo()
     _joined_group = True
+    warning = shared_store_warning()
+    if warning and os.environ.get("RANK") == "0":
+        print(warning, file=sys.stderr, flush=True)
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         store = _restart_store()
@@ -87,16 +90,30 @@ def init_distributed(device_type: str) -> DistInfo:
                     world_size=dist.get_world_size())
 
 
-def _restart_store() -> dist.Store | None:
-    """torchrun's store, seen under a prefix of its own for a restarted worker group; None outside torchrun and for
-    its first group (which `init_process_group` joins as usual).
+def shared_store_warning(environ: Mapping[str, str] = os.environ) -> str | None:
+    """A warning for several torchrun nodes under `--max-restarts` whose agents keep one store for every worker
+    group, where a restarted group may not form (see `_restart_store`); None otherwise."""
+    if (int(environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+            and environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)):
+        return ("warning: several nodes under torchrun --max-restarts keep one store for every worker group, so a "
+                "restarted group may fail to form: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node "
+                "(docs/cluster.md)")
+    return None
 
-    torchrun's workers share its agent's store across restarts, and `init_process_group` names its keys the same
-    way every time: restarted workers could read the addresses the killed ones published and wait for them (seen
-    with torch 2.14 and gloo: the restarted group hung in `init_process_group` about one restart in two).
+
+def _restart_store() -> dist.Store | None:
+    """torchrun's store, seen under a prefix of its own for a restarted worker group; None outside torchrun, for
+    its first group (which `init_process_group` joins as usual) and where each group gets a store of its own.
+
+    torchrun's workers share its agent's store across restarts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), and
+    `init_process_group` names its keys the same way every time: restarted workers could read the addresses the
+    killed ones published and wait for them (seen with torch 2.14 and gloo: the restarted group hung in
+    `init_process_group` about one restart in two). On several nodes the agents' restart counts differ (an agent
+    whose workers are stopped because another node's failed does not count a restart), so there only a store of
+    each group's own works: docs/cluster.md.
     """
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt == "0":
+    if attempt == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
         return None
     store, _, _ = next(dist.rendezvous("env://"))
     return dist.PrefixStore(f"clipkd/attempt_{attempt}", store)
