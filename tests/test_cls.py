@@ -256,18 +256,6 @@ def test_two_process_training_under_torchrun(digits_teacher, tmp_path):
 
 
 @pytest.mark.slow
-def test_cls_demo_smoke(tmp_path):
-    result = clipkd("demo", "--cls", "--smoke", "--seeds", "2", "--out", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = (tmp_path / "demo" / "report.md").read_text()
-    for name in ("student: KD |", "student: KD++ |", "student: no teacher |"):
-        row = next(line for line in report.splitlines() if line.startswith(f"| {name}"))
-        assert row.count("±") == 2, row
-    assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["table"]["KD++"]["runs"] == 2
-
-
 def test_missing_cifar_says_where_to_put_it(tmp_path):
     with pytest.raises(ConfigError, match="cifar-100-python"):
         build_data("cifar100", str(tmp_path))

@@ -78,14 +78,6 @@ def srun_tasks(tmp_path, toyworld_dir, per_task: list[list[str]]) -> list[tuple[
     return [(task.returncode, stderr) for task, stderr in zip(tasks, errors)]
 
 
-def test_two_srun_tasks_without_torchrun_train_one_job(tmp_path, toyworld_dir):
-    results = srun_tasks(tmp_path, toyworld_dir, [[], []])
-    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # 96 samples over 2 processes of batch 8: one job of 6 steps, not two single-process runs of 12
-    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
-
-
 def test_an_output_folder_one_node_does_not_see_is_an_error_naming_it(tmp_path, toyworld_dir):
     """Two "nodes" whose train.output_dir are different folders (as a node-local path would be): both stop within
     the deadline with one line naming the rank that does not see rank 0's files, before any training."""
@@ -216,32 +208,35 @@ def test_labelling_outputs_that_differ_between_ranks_are_an_error_naming_them(tm
         staging.check_same_outputs({"distill.labels": source})
 
 
-def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_shared_one(tmp_path, toyworld_dir,
+def test_srun_tasks_and_two_torchrun_nodes_staging_the_teacher_cache_train_the_same_job(tmp_path, toyworld_dir,
                                                                                         label_dir_shards, capfd):
-    """Two torchrun agents as two nodes (`--nnodes 2`, c10d; one process each) form one job; with a stage folder
-    per node (`$GROUP_RANK`, the node's rank, in distill.stage_dir), each node copies the teacher cache and labels
-    once and its rank reads the copy; the weights equal those of the same job reading the shared folder. A later
-    start on a node reuses its copy."""
+    """Two processes started with SLURM's variables and no torchrun form one 2-process job reading the teacher cache
+    and labels from the shared folder. Two torchrun agents as two nodes (`--nnodes 2`, c10d; one process each), with
+    a stage folder per node (`$GROUP_RANK`, the node's rank, in distill.stage_dir), form the same job: each node
+    copies the cache and labels once, its rank reads the copy, and the weights equal the shared-folder job's. A
+    later start on a node reuses its copy."""
     from clipkd_dino.config import load_config
     from clipkd_dino.distill import build_objective
     from clipkd_dino.distill.staging import Stage
     from clipkd_dino.models.factory import create_model
 
-    write_config(tmp_path, toyworld_dir)
-    train = ["train", str(tmp_path / "config.yaml"), "distill.teacher=toy-teacher",
-             f"distill.cache={label_dir_shards}", f"distill.labels={label_dir_shards}"]
+    inputs = ["distill.teacher=toy-teacher", f"distill.cache={label_dir_shards}", f"distill.labels={label_dir_shards}"]
+    shared = srun_tasks(tmp_path, toyworld_dir, [[*inputs, f"train.output_dir={tmp_path / 'shared'}"]] * 2)
+    assert [code for code, _ in shared] == [0, 0], shared[0][1][-2000:] + shared[1][1][-2000:]
+    assert "distill.stage_dir" not in shared[0][1]
+    summary = json.loads((tmp_path / "shared" / "summary.json").read_text())
+    # 96 samples over 2 processes of batch 8: one job of 6 steps, not two single-process runs of 12
+    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
+
+    train = ["train", str(tmp_path / "config.yaml"), *inputs]
     stage = tmp_path / "stage"
     staged = torchrun_cli(2, *train, f"distill.stage_dir={stage}/$GROUP_RANK", nodes=2)
     assert staged.returncode == 0, staged.stderr[-3000:]
-    shared = torchrun_cli(2, *train, f"train.output_dir={tmp_path / 'shared'}", nodes=2)
-    assert shared.returncode == 0, shared.stderr[-3000:]
-
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["steps"] == 6 and summary["hosts"] == [socket.gethostname()]
+    assert summary["processes"] == 2 and summary["steps"] == 6
     copies = {node: Stage(label_dir_shards, stage / node).copy for node in ("0", "1")}
     for copy in copies.values():
         assert staged.stderr.count(f"reads {label_dir_shards} from {copy}: copied") == 1, staged.stderr[-3000:]
-    assert "distill.stage_dir" not in shared.stderr
     weights, expected = (torch.load(run / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
                          for run in (tmp_path / "run", tmp_path / "shared"))
     for name, tensor in expected.items():
@@ -249,7 +244,7 @@ def test_two_nodes_train_from_their_own_copies_of_the_teacher_cache_as_from_the_
 
     # a later start on node 1 (here in this process) reuses its copy, and its objective reads the copy
     stamps = {path: path.stat().st_mtime_ns for path in copies["1"].rglob("*")}
-    config = load_config(tmp_path / "config.yaml", [*train[2:], f"distill.stage_dir={stage / '1'}"])
+    config = load_config(tmp_path / "config.yaml", [*inputs, f"distill.stage_dir={stage / '1'}"])
     targets = build_objective(config, create_model("toy-student"), torch.device("cpu")).batch_targets
     assert "reused its complete copy" in capfd.readouterr().err
     assert targets.cache.dir == copies["1"] / "cache" and targets.labels.directory == copies["1"]

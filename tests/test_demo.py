@@ -79,3 +79,8 @@ def test_cls_demo_reports_kd_plus_plus_minus_kd_paired(tmp_path):
     assert paired["n"] == 2 and paired["low"] <= paired["mean"] <= paired["high"]
     assert "| metric | KD++ | KD | paired diff, mean | 95% interval |" in report
     assert "Over 2 paired seeds" in report
+    for name in ("student: KD |", "student: KD++ |", "student: no teacher |"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name}"))
+        assert row.count("±") == 2, row
+    assert (tmp_path / "demo" / "accuracy.png").stat().st_size > 10_000
+    assert summary["table"]["KD++"]["runs"] == 2

@@ -14,7 +14,7 @@ import yaml
 
 from clipkd_dino.losses import clip_loss
 from clipkd_dino.train.optim import build_optimizer, warmup_cosine_factor
-from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, torchrun_cli
+from conftest import REPO, clipkd, torchrun_cli
 
 
 def write_config(tmp_path: Path, toyworld_dir: Path, **sections) -> Path:
@@ -88,11 +88,6 @@ def test_two_process_run_matches_one_process_with_same_global_batch(tmp_path, to
     summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["global_batch"] == 16
     assert summary["seen_samples"] == 480  # both processes' counts
-
-
-def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path, toyworld_dir):
-    config = write_config(tmp_path, toyworld_dir, train={"epochs": 2, "checkpoint_every_steps": 3})
-    kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=6, total_steps=60)
 
 
 def test_checkpoint_loads_with_plain_open_clip(tmp_path, toyworld_dir):
