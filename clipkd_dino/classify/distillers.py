@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.distill.distiller import dino_projector
+from clipkd_dino.models.projectors import dino_projector
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.losses import dino_loss, dkd_loss, hcl_loss, kd_loss, kd_warmup_factor
 
