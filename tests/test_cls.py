@@ -334,7 +334,7 @@ def test_a_method_declared_in_one_class_trains_with_its_own_option(tmp_path, cos
     run = tmp_path / "run"
     result = clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"), "distill.method=cosine",
                     "distill.cosine_weight=2.5", "distill.warmup_epochs=0", "model.teacher=resnet8",
-                    f"model.teacher_pretrained={teacher}", "data.train_limit=64", "train.epochs=1",
+                    f"model.teacher_pretrained={teacher}", "data.train_limit=32", "train.epochs=1",
                     "train.batch_size=32", "train.log_every_steps=1", f"train.output_dir={run}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["cosine_weight"] == 2.5

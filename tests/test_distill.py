@@ -247,7 +247,7 @@ def test_a_term_declared_in_one_place_trains_and_is_logged(tmp_path, toyworld_di
     from clipkd_dino.models import create_model
 
     config = distill_config(tmp_path, toyworld_dir, label_dir, True, task=0, crd=0, icl=0, fd=0, dino=0, cos_fd=2.0)
-    result = clipkd("train", str(config))
+    result = clipkd("train", str(config), "train.batch_size=48")  # 2 steps
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert record["loss_cos_fd"] > 0 and not {"loss_task", "loss_fd", "loss_dino"} & set(record)
