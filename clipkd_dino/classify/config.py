@@ -56,9 +56,9 @@ class ClsTrainConfig:
 
 @dataclass
 class ClsDistillConfig:
-    """The keys every method takes; `load_cls_config` adds each method's own options (classify/distillers.py:
-    kd_weight, temperature (KD, DKD), dkd_alpha, dkd_beta, review_weight, review_mid_channels (ABF width; None:
-    min(512, the student's pooled dim)), student_preact (ReviewKD))."""
+    """The keys every method takes; `load_cls_config` adds each registered method's own options (e.g. kd_weight,
+    temperature, dkd_alpha, review_mid_channels: the keyword-only parameters of the classes in
+    classify/distillers.py)."""
 
     method: str = "kd"  # a key of classify.distillers.DISTILLERS; "++" = the same with dino_weight > 0
     ce_weight: float = 1.0
@@ -113,10 +113,9 @@ def cls_config_schema() -> type[ClsConfig]:
 
 def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
     """Values, model names and files, before any heavy work."""
+    from clipkd_dino.classify.distillers import DISTILLERS, config_options
     from clipkd_dino.models.cnn import check_classifier_name
     from clipkd_dino.runtime import PRECISIONS
-
-    from clipkd_dino.classify.distillers import DISTILLERS, config_options
 
     distill, model = config.distill, config.model
     if distill.method not in DISTILLERS:

@@ -202,9 +202,9 @@ class ReviewKD(ClassificationDistiller, method="reviewkd"):
     Levels (both sides): the stages without the stem, then the pooled feature as a 1x1 map. The teacher gives its
     pre-activation stages; the student its post-activation ones (`student_preact=True` for pre-activation). The
     ABF chain runs deepest first; each output takes the teacher level's channels and spatial size (read from the
-    teacher's features at run time, so no shape is hard-coded). review_mid_channels: None = min(512, D_s), the rule of the
-    reference's CIFAR code (64 for wrn40_1/resnet20, 256 for resnet8x4; its ImageNet code uses 512 for ResNet-18 and
-    256 for MobileNet).
+    teacher's features at run time, so no shape is hard-coded). review_mid_channels: None = min(512, D_s), the rule
+    of the reference's CIFAR code (64 for wrn40_1/resnet20, 256 for resnet8x4; its ImageNet code uses 512 for
+    ResNet-18 and 256 for MobileNet).
     """
 
     uses_teacher = True
