@@ -47,6 +47,8 @@ class ClassificationDistiller(nn.Module):
     """
 
     uses_teacher = False
+    batch_wide = frozenset()  # every term is a per-sample mean: under accumulation each sees its micro-batch
+    uses_every_parameter = True  # the student and every extra get a gradient at every step (DDP)
 
     def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

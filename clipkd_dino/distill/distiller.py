@@ -59,8 +59,8 @@ class CLIPDistiller(nn.Module):
         setting = Setting(model, student_dim, teacher.dim, config, class_means, text_class_means)
         for part in parts_needed(self.terms):
             self._add_part(part, part.build(setting))
-        self.embeddings = embeddings_read(self.terms)
-        self.embedded = [name for name in EMBEDDINGS if any(name in term.inputs for term in self.terms)]
+        self.embeddings = embeddings_read(self.terms)  # what `embed` computes, in order
+        self.embedded = [name for name in EMBEDDINGS if any(name in term.inputs for term in self.terms)]  # returns
         self.gathered = [name for name in self.embedded if any(name in t.inputs for t in self.terms if t.batch_wide)]
         self.batch_wide = frozenset(term.loss_name for term in self.terms if term.batch_wide)
         self.uses_every_parameter = towers_read(self.terms) == {"image", "text"} and "logit_scale" in reads(self.terms)

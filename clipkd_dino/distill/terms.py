@@ -116,7 +116,7 @@ def checked_class_means(means: torch.Tensor | None, term: str, teacher_dim: int)
 
 PROJECT_IMAGE = Part("project_image", lambda s: linear_projector(s.student_dim, s.teacher_dim))
 PROJECT_TEXT = Part("project_text", lambda s: linear_projector(s.student_dim, s.teacher_dim))
-MASKED_VISUAL = Part("masked_visual", lambda s: masked_tower(s.model.visual, s.config.mask_ratio), shared=True)
+MASKED_VISUAL = Part("_masked_visual", lambda s: masked_tower(s.model.visual, s.config.mask_ratio), shared=True)
 
 
 def dino_parts(term: str, means: Callable[[Setting], torch.Tensor | None]) -> tuple[Part, Part]:
@@ -126,6 +126,8 @@ def dino_parts(term: str, means: Callable[[Setting], torch.Tensor | None]) -> tu
 
 
 # ----------------------------------------------------------------------------------------------- embeddings
+# In the order `embed` computes them: each after its inputs, and the projections before the normalised features
+# (the order the autograd graph had before the declarations, so gradients sum in the same order).
 EMBEDDINGS: dict[str, Embedding] = {e.name: e for e in (
     Embedding("images", ("batch", "pixels"), lambda batch, pixels: pixels(batch["images"])),
     Embedding("s_image", ("images", "model"), lambda images, model: model.encode_image(images), tower="image"),
@@ -135,7 +137,7 @@ EMBEDDINGS: dict[str, Embedding] = {e.name: e for e in (
     Embedding("t_text", ("t_features",), lambda features: features[1]),
     Embedding("p_image", ("s_image", "project_image"), lambda s, project: project(s), parts=(PROJECT_IMAGE,)),
     Embedding("p_text", ("s_text", "project_text"), lambda s, project: project(s), parts=(PROJECT_TEXT,)),
-    Embedding("masked", ("images", "masked_visual", "project_image"), lambda images, tower, project:
+    Embedding("masked", ("images", "_masked_visual", "project_image"), lambda images, tower, project:
               project(tower(images)), parts=(MASKED_VISUAL, PROJECT_IMAGE), tower="image"),
     Embedding("n_image", ("s_image",), lambda s: F.normalize(s, dim=-1)),
     Embedding("n_text", ("s_text",), lambda s: F.normalize(s, dim=-1)),
