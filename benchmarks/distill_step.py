@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipkd_dino.config import DistillConfig, LossWeights
+from clipkd_dino.config import DistillConfig, recipe_weights
 from clipkd_dino.distill.distiller import CLIPDistiller
 from clipkd_dino.data.identity import SampleIndex, identity_hashes
 from clipkd_dino.distill.teachers import BatchTargets, CachedTeacher, OnlineTeacher
@@ -94,7 +94,7 @@ def main() -> None:
             means = torch.randn(16, d_t, device=device)
 
             def distiller(teacher, dino: float) -> CLIPDistiller:
-                config = DistillConfig(weights=LossWeights(dino=dino))
+                config = DistillConfig(weights=recipe_weights() | {"dino": dino})
                 return CLIPDistiller(student, teacher, config, d_s, means, None).to(device)
 
             modes = {"student only": CLIPObjective(student).to(device), "cached": distiller(cached, 0.0),

@@ -232,7 +232,7 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
 
 def _dino_projector(objective: dict):
     """The trained dino projector of a distiller's saved state (`latest.pt`'s "objective")."""
-    from clipkd_dino.distill.distiller import dino_projector
+    from clipkd_dino.models.projectors import dino_projector
 
     weight = objective["dino_projector.2.weight"]
     projector = dino_projector(weight.shape[1], weight.shape[0])

@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
-from clipkd_dino.classify.config import METHODS, check_cls_config, load_cls_config
+from clipkd_dino.classify.config import check_cls_config, load_cls_config
+from clipkd_dino.classify.distillers import DISTILLERS
 from clipkd_dino.classify.data import build_data
 from clipkd_dino.errors import ConfigError, UserError
 from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, torchrun_cli
@@ -36,7 +39,7 @@ def test_published_row_parses_and_names_its_target(path):
 
     config = load_cls_config(path)
     method = path.stem.rsplit("_", 1)[1]
-    assert config.distill.method == method.removesuffix("pp") and config.distill.method in METHODS
+    assert config.distill.method == method.removesuffix("pp") and config.distill.method in DISTILLERS
     assert (config.distill.dino_weight > 0) == method.endswith("pp")
     if method.endswith("pp"):
         assert config.distill.class_means == config.centers.out
@@ -62,15 +65,13 @@ def test_published_row_parses_and_names_its_target(path):
 def test_published_cifar_row_runs_a_training_step(path):
     """Every CIFAR row's distiller builds from its config and back-propagates (random weights, 4 images)."""
     from clipkd_dino.classify.distillers import build_distiller
-    from clipkd_dino.classify.trainer import distiller_options
     from clipkd_dino.models.cnn import create_classifier
 
     config = load_cls_config(path)
     torch.manual_seed(0)
     teacher = create_classifier(config.model.teacher, 100)
     means = torch.randn(100, teacher.feature_dim) if config.distill.dino_weight else None
-    distiller = build_distiller(config.distill.method, create_classifier(config.model.student, 100), teacher,
-                                class_means=means, **distiller_options(config.distill))
+    distiller = build_distiller(config.distill, create_classifier(config.model.student, 100), teacher, means)
     distiller.train()
     logits, losses = distiller(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), epoch=30.0)
     assert logits.shape == (4, 100) and set(losses) == {"loss_ce", "loss_kd"} | (
@@ -286,3 +287,48 @@ def test_plusplus_methods_train_under_ddp(digits_teacher, tmp_path, method):
     assert summary["method"] == method and summary["dino_weight"] == 1.0
     assert summary["processes"] == 2 and summary["steps"] == 4  # 128 images / 2 processes / 16 per batch
     assert "loss_dino" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.fixture
+def cosine_method():
+    """A method declared the way a user adds one, in one class: CE + cosine_weight x (1 - cos(bridge(student
+    pooled), teacher pooled)), with a learnable bridge of its own. Yields the bridges' initial weights."""
+    from clipkd_dino.classify.distillers import DISTILLERS, ClassificationDistiller
+
+    initial = []
+
+    class CosineKD(ClassificationDistiller, method="cosine"):
+        uses_teacher = True
+
+        def __init__(self, student: nn.Module, teacher: nn.Module, *, cosine_weight: float = 1.0, **kwargs) -> None:
+            super().__init__(student, teacher, **kwargs)
+            self.cosine_weight = cosine_weight
+            self.bridge = nn.Linear(student.feature_dim, teacher.feature_dim)
+            initial.append(self.bridge.weight.detach().clone())
+
+        def distill_term(self, student_out: dict, teacher_out: dict | None, targets: torch.Tensor) -> torch.Tensor:
+            cos = F.cosine_similarity(self.bridge(student_out["pooled"]), teacher_out["pooled"], dim=-1)
+            return self.cosine_weight * (1 - cos).mean()
+
+    yield initial
+    del DISTILLERS["cosine"]
+
+
+def test_a_method_declared_in_one_class_trains_with_its_own_option(tmp_path, cosine_method):
+    from clipkd_dino.models.cnn import create_classifier
+
+    teacher = tmp_path / "teacher.pt"
+    torch.save({"model": create_classifier("resnet8", 10).state_dict()}, teacher)
+    run = tmp_path / "run"
+    result = clipkd("cls", "train", str(REPO / "configs" / "cls" / "digits" / "student.yaml"), "distill.method=cosine",
+                    "distill.cosine_weight=2.5", "distill.warmup_epochs=0", "model.teacher=resnet8",
+                    f"model.teacher_pretrained={teacher}", "data.train_limit=32", "train.epochs=1",
+                    "train.batch_size=32", "train.log_every_steps=1", f"train.output_dir={run}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["cosine_weight"] == 2.5
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["loss_kd"] > 0
+    (initial,) = cosine_method
+    assert not torch.equal(torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["distiller"]
+                           ["bridge.weight"], initial)  # its own part trains
+    with pytest.raises(ConfigError, match="distill.cosine_weight"):
+        check_cls_config(load_cls_config(None, ["distill.method=cosine", "distill.cosine_weight=-1"]))

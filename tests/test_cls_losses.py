@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.classify.distillers import DKD, KD, ClassificationDistiller, ReviewKD, Vanilla, build_distiller
+from clipkd_dino.classify.distillers import DKD, KD, ClassificationDistiller, ReviewKD, Vanilla, create_distiller
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.losses import dino_loss, dkd_loss, hcl_loss, kd_loss, kd_warmup_factor
 
@@ -207,7 +207,7 @@ def means(dim: int = 16) -> torch.Tensor:
 @pytest.mark.parametrize("method", ["kd", "dkd", "reviewkd"])
 def test_teacher_frozen_in_eval_and_not_a_submodule(method: str) -> None:
     student, teacher = pair()
-    distiller = build_distiller(method, student, teacher, dino_weight=1.0, class_means=means())
+    distiller = create_distiller(method, student, teacher, dino_weight=1.0, class_means=means())
     distiller.train()
     assert student.training and not any(m.training for m in teacher.modules())
     images, targets = batch()
@@ -227,9 +227,9 @@ def test_teacher_frozen_in_eval_and_not_a_submodule(method: str) -> None:
 def test_dino_term_only_when_weighted_and_uses_true_labels() -> None:
     student, teacher = pair()
     images, targets = batch()
-    _, losses = build_distiller("kd", student, teacher)(images, targets, epoch=30.0)
+    _, losses = create_distiller("kd", student, teacher)(images, targets, epoch=30.0)
     assert set(losses) == {"loss_ce", "loss_kd"}
-    distiller = build_distiller("kd", student, teacher, dino_weight=2.0, class_means=means())
+    distiller = create_distiller("kd", student, teacher, dino_weight=2.0, class_means=means())
     assert isinstance(distiller.dino_projector, nn.Sequential)  # 8 -> 16: BatchNorm1d -> Dropout -> Linear
     distiller.eval()
     _, losses = distiller(images, targets, epoch=30.0)
@@ -238,9 +238,9 @@ def test_dino_term_only_when_weighted_and_uses_true_labels() -> None:
                                    means(), targets)
         assert losses["loss_dino"].item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(ConfigError, match="class means"):
-        build_distiller("kd", student, teacher, dino_weight=1.0)
+        create_distiller("kd", student, teacher, dino_weight=1.0)
     with pytest.raises(ConfigError, match=r"\[K, 16\]"):
-        build_distiller("kd", student, teacher, dino_weight=1.0, class_means=means(8))
+        create_distiller("kd", student, teacher, dino_weight=1.0, class_means=means(8))
 
 
 def test_warmup_scales_the_kd_term_and_optionally_the_dino_term() -> None:
@@ -261,7 +261,7 @@ def test_warmup_scales_the_kd_term_and_optionally_the_dino_term() -> None:
 def test_reviewkd_shapes_follow_the_teacher() -> None:
     """Student levels 8x8, 4x4, 1x1; the teacher's stem has stride 2, so its levels are 4x4, 2x2, 1x1."""
     student, teacher = pair(stem_stride=2)
-    distiller = ReviewKD(student, teacher, mid_channels=6)
+    distiller = ReviewKD(student, teacher, review_mid_channels=6)
     images, _ = batch()
     s_out, t_out = student(images), teacher(images)
     t_levels = ReviewKD.levels(t_out, preact=True)
@@ -277,7 +277,7 @@ def test_reviewkd_shapes_follow_the_teacher() -> None:
 
 def test_student_state_dict_exports_the_student_only() -> None:
     student, teacher = pair()
-    distiller = build_distiller("reviewkd", student, teacher, dino_weight=1.0, class_means=means())
+    distiller = create_distiller("reviewkd", student, teacher, dino_weight=1.0, class_means=means())
     assert any(k.startswith("abfs.") for k in distiller.state_dict())
     exported = distiller.student_state_dict()
     assert not any("abf" in k or "projector" in k or "teacher" in k for k in exported)
@@ -287,14 +287,14 @@ def test_student_state_dict_exports_the_student_only() -> None:
 def test_vanilla_and_factory_errors() -> None:
     student, _ = pair()
     images, targets = batch()
-    distiller = build_distiller("vanilla", student, None)
+    distiller = create_distiller("vanilla", student, None)
     assert isinstance(distiller, Vanilla) and isinstance(distiller, ClassificationDistiller)
     logits, losses = distiller(images, targets, epoch=0.0)
     assert set(losses) == {"loss_ce"}
     assert losses["loss_ce"].item() == pytest.approx(F.cross_entropy(logits, targets).item())
     with pytest.raises(ConfigError, match="'fitnet'"):
-        build_distiller("fitnet", student, None)
+        create_distiller("fitnet", student, None)
     with pytest.raises(ConfigError, match="needs a teacher"):
         KD(student, None)
-    with pytest.raises(ConfigError, match="'alpha'"):
-        build_distiller("kd", student, pair()[1], alpha=1.0)
+    with pytest.raises(ConfigError, match="'dkd_alpha'"):
+        create_distiller("kd", student, pair()[1], dkd_alpha=1.0)

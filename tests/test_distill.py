@@ -1,4 +1,5 @@
-"""Distillation: online and cached teachers agree, every named loss runs, MFD masks, training resumes exactly."""
+"""Distillation: online and cached teachers agree, every named loss runs, MFD masks, training resumes exactly, a term
+declared in one place trains."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from conftest import REPO, clipkd, kill_and_resume_matches_uninterrupted, label_toyworld
@@ -152,19 +154,13 @@ def test_accumulated_micro_batches_give_the_whole_batch_contrastive_losses_and_g
     """k micro-batches of B through `forward(batch, accumulated, index)` (each pass: the whole contrastive loss,
     only its own embeddings with a gradient) give the losses and gradients of one batch of kB, fp64, for task +
     CRD + ICL + GD + AFD (the teacher's embeddings come with the batch, as the cache's do)."""
-    from clipkd_dino.config import DistillConfig, LossWeights
+    from clipkd_dino.config import DistillConfig
     from clipkd_dino.distill.distiller import CLIPDistiller
     from clipkd_dino.models import create_model, get_tokenizer
 
-    class BatchTeacher:  # the cache's role: the teacher's embeddings arrive in the batch
-        views, num_views, dim, logit_scale = None, 0, 96, 50.0
-
-        def features(self, batch):
-            return batch["teacher_image"], batch["teacher_text"]
-
     torch.manual_seed(0)
     student = create_model("toy-student").double()
-    weights = LossWeights(task=1.0, crd=1.0, icl=1.0, gd=1.0, afd=1.0, fd=0.0, dino=0.0)
+    weights = {"task": 1.0, "crd": 1.0, "icl": 1.0, "gd": 1.0, "afd": 1.0}
     distiller = CLIPDistiller(student, BatchTeacher(), DistillConfig(weights=weights), 64).double()
     tokens = get_tokenizer("toy-student")([f"a {c} star" for c in ("red", "blue", "green", "pink")] * 3)
     whole = {"images": torch.rand(12, 3, 48, 48, dtype=torch.float64), "texts": tokens,
@@ -185,3 +181,77 @@ def test_accumulated_micro_batches_give_the_whole_batch_contrastive_losses_and_g
     assert set(expected) == {name for name, p in distiller.named_parameters() if p.grad is not None}
     for name, grad in expected.items():
         torch.testing.assert_close(dict(distiller.named_parameters())[name].grad, grad, rtol=1e-6, atol=1e-9)
+
+
+class BatchTeacher:
+    """The cache's role: the teacher's embeddings arrive in the batch."""
+
+    views, num_views, logit_scale = None, 0, 50.0
+
+    def __init__(self, dim: int = 96) -> None:
+        self.dim = dim
+
+    def features(self, batch):
+        return batch["teacher_image"], batch["teacher_text"]
+
+
+@pytest.mark.parametrize("weights, batch_wide, every_parameter, embedded, extras", [
+    ({"task": 1, "crd": 1, "icl": 1, "gd": 1, "afd": 1}, {"task", "crd", "icl", "gd", "afd"}, True,
+     {"n_image", "n_text", "p_image", "p_text", "t_image", "t_text"},
+     {"project_image", "project_text", "icl_log_scale", "fuse_image", "fuse_text"}),
+    ({"fd": None, "mfd": 1}, set(), False, {"p_image", "p_text", "masked", "t_image", "t_text"},
+     {"project_image", "project_text"}),
+    ({"dino": 1, "task": 1}, {"task"}, True, {"n_image", "n_text", "s_image", "t_image", "labels"},
+     {"dino_projector"}),
+    ({"dino": 1}, set(), False, {"s_image", "t_image", "labels"}, {"dino_projector"}),
+])
+def test_what_follows_from_the_term_declarations(weights, batch_wide, every_parameter, embedded, extras):
+    """Batch-wide losses, DDP's every-parameter flag, the embeddings computed and the parts built, per recipe."""
+    from clipkd_dino.config import DistillConfig
+    from clipkd_dino.distill.distiller import CLIPDistiller
+    from clipkd_dino.models import create_model
+
+    distiller = CLIPDistiller(create_model("toy-student"), BatchTeacher(), DistillConfig(weights=weights), 64,
+                              torch.randn(5, 96))
+    assert distiller.batch_wide == {f"loss_{name}" for name in batch_wide}
+    assert distiller.uses_every_parameter is every_parameter
+    assert set(distiller.embedded) == embedded
+    assert {name.split(".")[0] for name in distiller.state_dict() if not name.startswith("model.")} == extras
+
+
+@pytest.fixture
+def cosine_term():
+    """A loss term declared the way a user adds one, in one place: 1 - cos between the student's features, through
+    a projector of its own, and the teacher's. Yields the initial weights of the projectors it builds."""
+    from clipkd_dino.distill.terms import TERMS, Part, Term, register_term
+
+    initial = []
+
+    def projector(setting) -> torch.nn.Module:
+        module = torch.nn.Linear(setting.student_dim, setting.teacher_dim)
+        initial.append(module.weight.detach().clone())
+        return module
+
+    def cosine_distance(s_image, s_text, t_image, t_text, project):
+        """[B, D_s], [B, D_s], [B, D_t], [B, D_t] -> 2 - mean cos(project(S_v), T_v) - mean cos(project(S_t), T_t)."""
+        return sum(1 - F.cosine_similarity(project(s), t.detach(), dim=-1).mean()
+                   for s, t in ((s_image, t_image), (s_text, t_text)))
+
+    register_term(Term("cos_fd", ("s_image", "s_text", "t_image", "t_text", "cos_projector"), cosine_distance,
+                       parts=(Part("cos_projector", projector),)))
+    yield initial
+    del TERMS["cos_fd"]
+
+
+def test_a_term_declared_in_one_place_trains_and_is_logged(tmp_path, toyworld_dir, label_dir, cosine_term):
+    from clipkd_dino.models import create_model
+
+    config = distill_config(tmp_path, toyworld_dir, label_dir, True, task=0, crd=0, icl=0, fd=0, dino=0, cos_fd=2.0)
+    result = clipkd("train", str(config), "train.batch_size=48")  # 2 steps
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["loss_cos_fd"] > 0 and not {"loss_task", "loss_fd", "loss_dino"} & set(record)
+    objective = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["objective"]
+    (initial,) = cosine_term
+    assert not torch.equal(objective["cos_projector.weight"], initial)  # its own part trains
+    assert objective["model.logit_scale"] == create_model("toy-student").logit_scale  # no term reads it

@@ -6,15 +6,13 @@ configs/cls/README.md. Every error names the key and is raised before heavy work
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from clipkd_dino.classify.data import check_data
 from clipkd_dino.data.faults import check_max_bad_fraction
 from clipkd_dino.errors import ConfigError
-
-METHODS = ("vanilla", "kd", "dkd", "reviewkd")
-
 
 @dataclass
 class ClsModelConfig:
@@ -58,14 +56,12 @@ class ClsTrainConfig:
 
 @dataclass
 class ClsDistillConfig:
-    method: str = "kd"  # vanilla | kd | dkd | reviewkd; "++" = the same with dino_weight > 0
+    """The keys every method takes; `load_cls_config` adds each registered method's own options (e.g. kd_weight,
+    temperature, dkd_alpha, review_mid_channels: the keyword-only parameters of the classes in
+    classify/distillers.py)."""
+
+    method: str = "kd"  # a key of classify.distillers.DISTILLERS; "++" = the same with dino_weight > 0
     ce_weight: float = 1.0
-    kd_weight: float = 1.0  # KD's term (method kd)
-    temperature: float = 4.0  # KD and DKD
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    review_weight: float = 1.0
-    review_mid_channels: int | None = None  # ABF width; None: min(512, the student's pooled dim)
     warmup_epochs: float = 20.0  # linear warm-up of the KD-family term
     dino_weight: float = 0.0
     dino_m: float = 0.0
@@ -100,17 +96,31 @@ class ClsConfig:
 def load_cls_config(path: str | None, overrides: list[str] = ()) -> ClsConfig:
     from clipkd_dino.config import load_config
 
-    return load_config(path, overrides, schema=ClsConfig)
+    return load_config(path, overrides, schema=cls_config_schema())
+
+
+def cls_config_schema() -> type[ClsConfig]:
+    """ClsConfig whose `distill:` section also takes every registered method's own options (names, types and
+    defaults read from the distillers' `__init__`), so a new method needs no edit here."""
+    from clipkd_dino.classify.distillers import config_options
+
+    distill = dataclasses.make_dataclass("ClsDistillConfig", [
+        (name, p.annotation, field(default=p.default)) for name, p in config_options().items()],
+        bases=(ClsDistillConfig,))
+    return dataclasses.make_dataclass("ClsConfig", [("distill", distill, field(default_factory=distill))],
+                                      bases=(ClsConfig,))
 
 
 def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
     """Values, model names and files, before any heavy work."""
+    from clipkd_dino.classify.distillers import DISTILLERS, config_options
     from clipkd_dino.models.cnn import check_classifier_name
     from clipkd_dino.runtime import PRECISIONS
 
     distill, model = config.distill, config.model
-    if distill.method not in METHODS:
-        raise ConfigError(f"config key 'distill.method' must be one of {', '.join(METHODS)}; got {distill.method!r}")
+    if distill.method not in DISTILLERS:
+        raise ConfigError(f"config key 'distill.method' must be one of {', '.join(DISTILLERS)}; "
+                          f"got {distill.method!r}")
     if config.train.precision not in PRECISIONS:
         raise ConfigError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}")
     check_max_bad_fraction(config.data.max_bad_fraction, "config key 'data.max_bad_fraction'")
@@ -119,7 +129,8 @@ def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
                        }.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
-    for key in ("ce_weight", "kd_weight", "dkd_alpha", "dkd_beta", "review_weight", "warmup_epochs", "dino_weight"):
+    floats = [name for name, p in config_options().items() if p.annotation is float and hasattr(distill, name)]
+    for key in ("ce_weight", "warmup_epochs", "dino_weight", *floats):  # the methods' weights and temperatures
         if getattr(distill, key) < 0:
             raise ConfigError(f"config key 'distill.{key}' must be >= 0")
     if not (distill.dino_p >= 1 or math.isinf(distill.dino_p)):
@@ -128,7 +139,7 @@ def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
         raise ConfigError("config key 'optim.milestones' must be increasing")
     check_data(config.data.dataset, config.data.root)
     check_classifier_name(model.student, "model.student")
-    needs_teacher = distill.method != "vanilla" or distill.dino_weight > 0 or not for_training
+    needs_teacher = DISTILLERS[distill.method].uses_teacher or distill.dino_weight > 0 or not for_training
     if needs_teacher and not model.teacher:
         raise ConfigError(f"config key 'model.teacher' is required (distill.method={distill.method!r})")
     if needs_teacher:

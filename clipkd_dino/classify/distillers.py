@@ -1,4 +1,8 @@
-"""Classification distillers: one module per method family; the "++" variant is the same class with dino_weight > 0.
+"""Classification distillers: one class per method family; the "++" variant is the same class with dino_weight > 0.
+
+A method is one subclass of `ClassificationDistiller` declared with its name, `class KD(ClassificationDistiller,
+method="kd")`: that registers it in `DISTILLERS`, and its own keyword-only `__init__` parameters (names, types,
+defaults) become keys of the `distill:` config section (`clipkd_dino.classify.config`). Docs: docs/classification.md.
 
 Each distiller owns the student and its learnable extras (the dino projector, ReviewKD's ABF modules) and returns
 `(student logits, named weighted losses)`; the trainer only sums the dict. Keys: "loss_ce", "loss_kd" (the method's
@@ -15,16 +19,20 @@ Classifier interface (student and teacher): `model(x)` returns {"logits": [B, K]
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.distill.distiller import dino_projector
+from clipkd_dino.models.projectors import dino_projector
 from clipkd_dino.errors import ConfigError
 from clipkd_dino.losses import dino_loss, dkd_loss, hcl_loss, kd_loss, kd_warmup_factor
+
+DISTILLERS: dict[str, type[ClassificationDistiller]] = {}  # method name -> class, filled by the subclasses
 
 
 class ClassificationDistiller(nn.Module):
@@ -39,6 +47,13 @@ class ClassificationDistiller(nn.Module):
     """
 
     uses_teacher = False
+    batch_wide = frozenset()  # every term is a per-sample mean: under accumulation each sees its micro-batch
+    uses_every_parameter = True  # the student and every extra get a gradient at every step (DDP)
+
+    def __init_subclass__(cls, method: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if method is not None:
+            DISTILLERS[method] = cls
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, *, ce_weight: float = 1.0,
                  dino_weight: float = 0.0, class_means: torch.Tensor | None = None, dino_m: float = 0.0,
@@ -115,14 +130,14 @@ class ClassificationDistiller(nn.Module):
         return student_out["logits"], losses
 
 
-class Vanilla(ClassificationDistiller):
+class Vanilla(ClassificationDistiller, method="vanilla"):
     """CE only, no teacher: trains teachers and baselines (a teacher is accepted only to feed a dino-loss)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, **kwargs: Any) -> None:
         super().__init__(student, teacher, **kwargs)
 
 
-class KD(ClassificationDistiller):
+class KD(ClassificationDistiller, method="kd"):
     """CE + kd_weight * KD(T) (Hinton et al. 2015); KD++ with dino_weight > 0."""
 
     uses_teacher = True
@@ -136,15 +151,15 @@ class KD(ClassificationDistiller):
         return self.kd_weight * kd_loss(student_out["logits"], teacher_out["logits"], self.temperature)
 
 
-class DKD(ClassificationDistiller):
-    """CE + alpha * TCKD + beta * NCKD (Zhao et al. 2022); defaults are mdistiller's CIFAR-100 ones."""
+class DKD(ClassificationDistiller, method="dkd"):
+    """CE + dkd_alpha * TCKD + dkd_beta * NCKD (Zhao et al. 2022); defaults are mdistiller's CIFAR-100 ones."""
 
     uses_teacher = True
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, alpha: float = 1.0, beta: float = 8.0,
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
                  temperature: float = 4.0, **kwargs: Any) -> None:
         super().__init__(student, teacher, **kwargs)
-        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.alpha, self.beta, self.temperature = dkd_alpha, dkd_beta, temperature
 
     def distill_term(self, student_out: dict, teacher_out: dict | None, targets: torch.Tensor) -> torch.Tensor:
         return dkd_loss(student_out["logits"], teacher_out["logits"], targets, self.alpha, self.beta,
@@ -183,21 +198,21 @@ class ABF(nn.Module):
         return self.expand(x), x
 
 
-class ReviewKD(ClassificationDistiller):
+class ReviewKD(ClassificationDistiller, method="reviewkd"):
     """CE + review_weight * HCL(ABF-fused student levels, teacher levels) (Chen et al. 2021).
 
     Levels (both sides): the stages without the stem, then the pooled feature as a 1x1 map. The teacher gives its
     pre-activation stages; the student its post-activation ones (`student_preact=True` for pre-activation). The
     ABF chain runs deepest first; each output takes the teacher level's channels and spatial size (read from the
-    teacher's features at run time, so no shape is hard-coded). mid_channels: None = min(512, D_s), the rule of the
-    reference's CIFAR code (64 for wrn40_1/resnet20, 256 for resnet8x4; its ImageNet code uses 512 for ResNet-18 and
-    256 for MobileNet).
+    teacher's features at run time, so no shape is hard-coded). review_mid_channels: None = min(512, D_s), the rule
+    of the reference's CIFAR code (64 for wrn40_1/resnet20, 256 for resnet8x4; its ImageNet code uses 512 for
+    ResNet-18 and 256 for MobileNet).
     """
 
     uses_teacher = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, review_weight: float = 1.0,
-                 mid_channels: int | None = None, student_preact: bool = False, **kwargs: Any) -> None:
+                 review_mid_channels: int | None = None, student_preact: bool = False, **kwargs: Any) -> None:
         super().__init__(student, teacher, **kwargs)
         self.review_weight, self.student_preact = review_weight, student_preact
         s_channels = [*student.stage_channels[1:], student.feature_dim]
@@ -205,7 +220,7 @@ class ReviewKD(ClassificationDistiller):
         if len(s_channels) != len(t_channels):
             raise ConfigError(f"ReviewKD pairs student and teacher levels one to one: the student has "
                               f"{len(s_channels) - 1} stages after the stem, the teacher {len(t_channels) - 1}")
-        mid = mid_channels if mid_channels is not None else min(512, int(student.feature_dim))
+        mid = review_mid_channels if review_mid_channels is not None else min(512, int(student.feature_dim))
         last = len(s_channels) - 1
         self.abfs = nn.ModuleList(ABF(c_s, mid, c_t, fuse=i < last)
                                   for i, (c_s, c_t) in enumerate(zip(s_channels, t_channels)))
@@ -231,29 +246,41 @@ class ReviewKD(ClassificationDistiller):
         return self.review_weight * hcl_loss(fused, teacher_levels)
 
 
-DISTILLERS: dict[str, type[ClassificationDistiller]] = {"vanilla": Vanilla, "kd": KD, "dkd": DKD,
-                                                         "reviewkd": ReviewKD}
-
-
-def _options(cls: type[ClassificationDistiller]) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if klass is nn.Module:
-            break
+def method_options(cls: type[ClassificationDistiller], own: bool = False) -> dict[str, inspect.Parameter]:
+    """The keyword-only `__init__` parameters of `cls` and its bases (`own`: only those below
+    ClassificationDistiller, i.e. the method's own), by name; annotations resolved to types."""
+    stop = ClassificationDistiller if own else nn.Module
+    options: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__[:cls.__mro__.index(stop)]:
         if "__init__" in vars(klass):
-            names |= {name for name, p in inspect.signature(klass.__init__).parameters.items()
-                      if p.kind is p.KEYWORD_ONLY}
-    return names
+            hints = typing.get_type_hints(klass.__init__)
+            options |= {name: p.replace(annotation=hints[name]) for name, p in
+                        inspect.signature(klass.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    return options
 
 
-def build_distiller(method: str, student: nn.Module, teacher: nn.Module | None,
-                    **kwargs: Any) -> ClassificationDistiller:
-    """The distiller of `method` ("vanilla", "kd", "dkd", "reviewkd"); "++" = the same with dino_weight > 0."""
+def config_options() -> dict[str, inspect.Parameter]:
+    """Every registered method's own options (a name several methods take is one config key)."""
+    return {name: p for cls in DISTILLERS.values() for name, p in method_options(cls, own=True).items()}
+
+
+def create_distiller(method: str, student: nn.Module, teacher: nn.Module | None,
+                     **options: Any) -> ClassificationDistiller:
+    """The distiller of `method` (a key of `DISTILLERS`) with `options` (its keyword-only parameters)."""
     cls = DISTILLERS.get(method)
     if cls is None:
         raise ConfigError(f"unknown distillation method {method!r}: choose one of {', '.join(DISTILLERS)}")
-    unknown = sorted(set(kwargs) - _options(cls))
+    unknown = sorted(set(options) - set(method_options(cls)))
     if unknown:
         raise ConfigError(f"method {method!r} has no option {', '.join(map(repr, unknown))} "
-                          f"(options: {', '.join(sorted(_options(cls)))})")
-    return cls(student, teacher, **kwargs)
+                          f"(options: {', '.join(sorted(method_options(cls)))})")
+    return cls(student, teacher, **options)
+
+
+def build_distiller(config: Any, student: nn.Module, teacher: nn.Module | None,
+                    class_means: torch.Tensor | None = None) -> ClassificationDistiller:
+    """The distiller of the `distill:` config section (a ClsDistillConfig): `config.method` with the config's keys
+    that this method takes, and the loaded `class_means` ([K, D_t], for the dino-loss)."""
+    taken = method_options(DISTILLERS.get(config.method, ClassificationDistiller))
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in taken}
+    return create_distiller(config.method, student, teacher, **(options | {"class_means": class_means}))

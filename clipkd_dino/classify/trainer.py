@@ -29,7 +29,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from clipkd_dino.classify.centers import load_teacher, read_centers
-from clipkd_dino.classify.config import ClsConfig, ClsDistillConfig, check_cls_config
+from clipkd_dino.classify.config import ClsConfig, check_cls_config
 from clipkd_dino.classify.data import build_data, collate_classification
 from clipkd_dino.config import config_to_dict
 from clipkd_dino.errors import ConfigError
@@ -50,19 +50,6 @@ def step_lr_factor(epoch: float, milestones: list[int], gamma: float, warmup_epo
     """LR multiplier at fractional `epoch`: gamma per milestone passed, times a linear warm-up in the first epochs."""
     decay = gamma ** sum(epoch >= m for m in milestones)
     return decay * min(1.0, (epoch + 1e-9) / warmup_epochs) if warmup_epochs else decay
-
-
-def distiller_options(cfg: ClsDistillConfig) -> dict[str, Any]:
-    """The config's keys that `cfg.method`'s distiller takes, under the distiller's argument names."""
-    options: dict[str, Any] = {"ce_weight": cfg.ce_weight, "dino_weight": cfg.dino_weight, "dino_m": cfg.dino_m,
-                               "dino_p": cfg.dino_p, "dino_warmup": cfg.dino_warmup,
-                               "warmup_epochs": cfg.warmup_epochs}
-    return options | {
-        "vanilla": {},
-        "kd": {"kd_weight": cfg.kd_weight, "temperature": cfg.temperature},
-        "dkd": {"alpha": cfg.dkd_alpha, "beta": cfg.dkd_beta, "temperature": cfg.temperature},
-        "reviewkd": {"review_weight": cfg.review_weight, "mid_channels": cfg.review_mid_channels},
-    }[cfg.method]
 
 
 @torch.no_grad()
@@ -104,8 +91,7 @@ class ClsTrainer:
         teacher = load_teacher(config, data.num_classes, device) if uses_teacher else None
         class_means = (read_centers(config.distill.class_means, data.num_classes, teacher.feature_dim)
                        if config.distill.dino_weight > 0 else None)
-        self.distiller = build_distiller(config.distill.method, self.student, teacher, class_means=class_means,
-                                         **distiller_options(config.distill)).to(device)
+        self.distiller = build_distiller(config.distill, self.student, teacher, class_means).to(device)
         self.wrapped = (
             DistributedDataParallel(self.distiller, device_ids=[device.index] if device.type == "cuda" else None)
             if self.dist.enabled else self.distiller

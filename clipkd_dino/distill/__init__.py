@@ -10,6 +10,7 @@ from torch import nn
 from clipkd_dino.config import Config, DistillConfig
 from clipkd_dino.distill.distiller import CLIPDistiller
 from clipkd_dino.distill.provenance import check_coverage, check_provenance
+from clipkd_dino.distill.terms import enabled_terms, reads
 from clipkd_dino.errors import ConfigError
 
 
@@ -20,6 +21,7 @@ def check_distill(config: Config) -> None:
     from clipkd_dino.teacher.labels import LABELS_FILE
 
     cfg = config.distill
+    enabled_terms(cfg.weights)  # names every weight key
     if cfg.teacher is None:
         return
     if cfg.cache is None:
@@ -39,8 +41,9 @@ def check_distill(config: Config) -> None:
 
 
 def labels_folder(cfg: DistillConfig) -> str | None:
-    """The labelling output the dino-loss reads (`distill.labels`, else the cache's folder); None without dino."""
-    return (cfg.labels or cfg.cache) if (cfg.weights.dino or cfg.weights.dino_text) else None
+    """The labelling output the terms reading labels (the dino-losses) need (`distill.labels`, else the cache's
+    folder); None when no such term is on."""
+    return (cfg.labels or cfg.cache) if "labels" in reads(enabled_terms(cfg.weights)) else None
 
 
 def build_objective(config: Config, model: nn.Module, device: torch.device) -> nn.Module:

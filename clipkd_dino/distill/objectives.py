@@ -1,7 +1,8 @@
 """Training objectives: modules that own the trainable parts and return a dict of named losses.
 
-The trainer sums the dict; distillation objectives add their terms under their own names. The contrastive terms
-(`CONTRASTIVE_LOSSES`) see the whole accumulated batch under gradient accumulation, the others their micro-batch.
+The trainer sums the dict; distillation objectives add their terms under their own names. An objective's
+`batch_wide` names the losses that see the whole accumulated batch under gradient accumulation (the contrastive
+ones), the others see their micro-batch.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.losses import clip_loss
-from clipkd_dino.models.factory import PixelNormaliser
+from clipkd_dino.distill.terms import TERMS
 from clipkd_dino.engine.distributed import all_gather_with_grad
+from clipkd_dino.losses import clip_loss
+from clipkd_dino.losses.clip import MAX_LOGIT_SCALE, learnable_scale  # noqa: F401 (the trainer reads it here)
+from clipkd_dino.models.factory import PixelNormaliser
 
-MAX_LOGIT_SCALE = 100.0
-CONTRASTIVE_LOSSES = ("loss_task", "loss_crd", "loss_icl", "loss_gd", "loss_afd")
+CONTRASTIVE_LOSSES = tuple(term.loss_name for term in TERMS.values() if term.batch_wide)  # the built-in terms'
 
 
 class CLIPObjective(nn.Module):
@@ -24,6 +26,7 @@ class CLIPObjective(nn.Module):
     views = None  # the model's own random transform (a distiller from a cache replays the cached views)
     num_views = 0
     uses_every_parameter = True  # every learnable part gets a gradient at every step (what DDP needs to know)
+    batch_wide = frozenset({"loss_task"})  # the losses that see the whole accumulated batch
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -41,9 +44,8 @@ class CLIPObjective(nn.Module):
         scale = self.model.logit_scale
         if accumulated and index != len(accumulated) - 1:  # its gradient from the last pass only
             scale = scale.detach()
-        scale = scale.exp().clamp(max=MAX_LOGIT_SCALE)
         return {"loss_task": clip_loss(all_gather_with_grad(whole["image"]), all_gather_with_grad(whole["text"]),
-                                       scale)}
+                                       learnable_scale(scale))}
 
 
 def with_micro_batch(accumulated: list[dict], local: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:

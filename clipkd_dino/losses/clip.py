@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 Scale = torch.Tensor | float
+MAX_LOGIT_SCALE = 100.0
+
+
+def learnable_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """A learnable logit scale's multiplier: exp(log_scale) clamped to MAX_LOGIT_SCALE (CLIP's, ICL's). Scalar."""
+    return log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
 def similarity_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: Scale) -> torch.Tensor:
