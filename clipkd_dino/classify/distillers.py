@@ -39,6 +39,8 @@ class ClassificationDistiller(nn.Module):
     """
 
     uses_teacher = False
+    batch_wide = frozenset()  # every term is per sample (see engine.loop)
+    uses_every_parameter = True  # DDP need not look for unused parameters
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, *, ce_weight: float = 1.0,
                  dino_weight: float = 0.0, class_means: torch.Tensor | None = None, dino_m: float = 0.0,

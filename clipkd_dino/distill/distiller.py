@@ -29,7 +29,7 @@ from clipkd_dino.errors import ConfigError
 from clipkd_dino.models.factory import PixelNormaliser
 from clipkd_dino.losses import afd_loss, clip_loss, crd_loss, dino_loss, fd_loss, gd_loss, icl_loss
 from clipkd_dino.engine.distributed import all_gather_with_grad
-from clipkd_dino.distill.objectives import MAX_LOGIT_SCALE, with_micro_batch
+from clipkd_dino.distill.objectives import CONTRASTIVE_LOSSES, MAX_LOGIT_SCALE, with_micro_batch
 
 FD_REFERENCE_DIM = 512
 FD_REFERENCE_WEIGHT = 2000.0
@@ -65,6 +65,8 @@ def dino_projector(d_in: int, d_out: int) -> nn.Module:
 
 class CLIPDistiller(nn.Module):
     """Owns the student (`model`) and every learnable extra; reads the teacher through `teacher.features(batch)`."""
+
+    batch_wide = frozenset(CONTRASTIVE_LOSSES)  # over the whole step under accumulation (see engine.loop)
 
     def __init__(self, model: nn.Module, teacher, config: DistillConfig, student_dim: int,
                  class_means: torch.Tensor | None = None, text_class_means: torch.Tensor | None = None) -> None:

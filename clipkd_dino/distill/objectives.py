@@ -24,6 +24,7 @@ class CLIPObjective(nn.Module):
     views = None  # the model's own random transform (a distiller from a cache replays the cached views)
     num_views = 0
     uses_every_parameter = True  # every learnable part gets a gradient at every step (what DDP needs to know)
+    batch_wide = frozenset({"loss_task"})  # over the whole step under accumulation (see engine.loop)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
