@@ -144,9 +144,12 @@ class ClassificationTask(Task):
         """{"images", "targets", "skipped", "progress": the fractional epoch the distiller's warm-ups read}."""
         self.sampler.set_epoch(epoch)
         sampler = SkipFirst(self.sampler, skip * self.config.train.batch_size)
-        per_epoch = self.batches_per_epoch()
-        for index, (images, targets, skipped) in enumerate(self._loader(self.data.train, sampler, epoch), skip):
-            yield {"images": images, "targets": targets, "skipped": skipped, "progress": epoch + index / per_epoch}
+        per_epoch, batches = self.batches_per_epoch(), self._loader(self.data.train, sampler, epoch)
+        try:
+            for index, (images, targets, skipped) in enumerate(batches, skip):
+                yield {"images": images, "targets": targets, "skipped": skipped, "progress": epoch + index / per_epoch}
+        finally:
+            batches.close()  # its loader workers stop with the epoch
 
     def forward(self, wrapped: torch.nn.Module, batch: dict, accumulated: list[dict] | None,
                 index: int) -> dict[str, torch.Tensor]:
