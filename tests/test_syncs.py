@@ -5,6 +5,7 @@ status exchange)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ def _run(tmp_path: Path, config: Path, processes: int, mode: str = "clip") -> li
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                    str(processes), *command[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})  # this checkout's package
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"counts.rank{r}.json").read_text()) for r in range(processes)]
 

@@ -228,6 +228,8 @@ class Engine:
         self.underfull = 0  # micro-batches not trained: too few readable samples on some process
         self.nonfinite = NonFiniteGuard(settings.max_nonfinite_steps)
         self.cursors: dict[int, dict] = {}  # data stream -> the cursor of its last batch done this epoch
+        self.random_at_position: dict[str, Any] | None = None  # within an epoch: the generators as they were
+        # before the pending micro-batches were read (main-process augmentations draw from them)
         self.signals = StopSignals()
         if resume_path:
             self._restore(load_checkpoint(resume_path))
@@ -299,6 +301,7 @@ class Engine:
             agreed = self._agree(None, pending)
             while pending:
                 losses = self._train_step(pending, agreed.sizes, window, progress)
+                self.random_at_position = random_state(self.device)
                 pending = self._fetch(batches, min(accum, total - pos.batch), window)
                 norm = self._gradient_norm()
                 agreed = self._agree(torch.isfinite(sum(losses.values(), norm)).logical_not(), pending)
@@ -318,6 +321,7 @@ class Engine:
         finally:
             progress.close()  # also on an error, so that its message starts a line of its own
             batches.close()  # its loader workers stop now, not whenever the generator is collected
+            self.random_at_position = None
         self.optimizer.zero_grad(set_to_none=True)
 
     def _fetch(self, batches: Iterator[dict], count: int, window: dict) -> list[dict]:
@@ -427,9 +431,10 @@ class Engine:
         window.update(start=time.perf_counter(), samples=0, waited=0.0)
 
     def save_latest(self) -> Path:
-        """latest.pt, with every rank's data streams and random generators (a collective: every rank saves at the
-        same steps)."""
-        cursors, rng = gathered_objects(self.cursors), gathered_objects(random_state(self.device))
+        """latest.pt, with every rank's data streams and random generators at the saved position (a collective:
+        every rank saves at the same steps)."""
+        rng = gathered_objects(self.random_at_position or random_state(self.device))
+        cursors = gathered_objects(self.cursors)
         if self.dist.is_main:
             weights = self.objective.state_dict()
             payload = {
