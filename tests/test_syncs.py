@@ -70,7 +70,7 @@ def test_classification_one_host_sync_per_step_and_a_random_stream_per_rank(tmp_
     config = tmp_path / "cls.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"), "model": {"student": "resnet8"},
-        "data": {"train_limit": 128},
+        "data": {"train_limit": 128, "workers": 1},  # the data side in a worker, as in the CLIP runs above
         "train": {"epochs": 1, "batch_size": 8, "log_every_steps": 4, "output_dir": str(tmp_path / "run")}}))
     ranks = _run(tmp_path, config, 2, "cls")
     assert ranks[0]["dropout"] != ranks[1]["dropout"]
