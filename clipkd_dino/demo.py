@@ -220,10 +220,9 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
         student = create_model(run["model"], run["summary"]["checkpoint"], device)
         features = encode_images(student, images, transform, device, num_workers=1)
         entry = {"norms": features.norm(dim=-1), "cosine_own": class_mean_cosine(features, val_labels)}
-        if features.shape[1] == t_features.shape[1]:
+        if features.shape[1] == t_features.shape[1]:  # a dino projector of equal dims is the identity
             entry["cosine_teacher_means"] = class_mean_cosine(features, val_labels, labels.class_means)
-        projector = getattr(trained_objective(Path(run["dir"]), student, device), "dino_projector", None)
-        if projector is not None:
+        elif (projector := getattr(trained_objective(Path(run["dir"]), student, device), "dino_projector", None)):
             with torch.no_grad():
                 projected = projector(features.to(device)).cpu()
             entry |= {"projected_norms": projected.norm(dim=-1),
