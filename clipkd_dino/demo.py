@@ -21,9 +21,13 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipkd_dino.report import mean_sd, paired_summary, paired_table, paired_words
 from clipkd_dino.shipped import ASSETS, CONFIGS
+
+if TYPE_CHECKING:
+    import torch
 
 SHIPPED_TEACHER = ASSETS / "toy_teacher.pt"
 DEFAULT_STUDENT = "toy-student-96"
@@ -200,7 +204,6 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     from clipkd_dino.teacher import load_labels
     from clipkd_dino.teacher.label_pass import read_templates
     from clipkd_dino.teacher.search import nearest_concepts
-    from clipkd_dino.engine.checkpoint import load_checkpoint
 
     device = resolve_device(device)
     images = read_retrieval_file(data / "val" / "retrieval.jsonl").images
@@ -217,11 +220,9 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
         student = create_model(run["model"], run["summary"]["checkpoint"], device)
         features = encode_images(student, images, transform, device, num_workers=1)
         entry = {"norms": features.norm(dim=-1), "cosine_own": class_mean_cosine(features, val_labels)}
-        if features.shape[1] == t_features.shape[1]:
+        if features.shape[1] == t_features.shape[1]:  # a dino projector of equal dims is the identity
             entry["cosine_teacher_means"] = class_mean_cosine(features, val_labels, labels.class_means)
-        objective = load_checkpoint(Path(run["dir"]) / "checkpoints" / "latest.pt")["objective"]
-        if "dino_projector.2.weight" in objective:
-            projector = _dino_projector(objective).to(device).eval()
+        elif (projector := getattr(trained_objective(Path(run["dir"]), student, device), "dino_projector", None)):
             with torch.no_grad():
                 projected = projector(features.to(device)).cpu()
             entry |= {"projected_norms": projected.norm(dim=-1),
@@ -230,15 +231,16 @@ def analyse(teacher_checkpoint: str, labels_dir: Path, data: Path, runs: list[di
     return result
 
 
-def _dino_projector(objective: dict):
-    """The trained dino projector of a distiller's saved state (`latest.pt`'s "objective")."""
-    from clipkd_dino.models.projectors import dino_projector
+def trained_objective(run_dir: Path, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A training run's objective (`model` with the distiller's projectors) as it ended: rebuilt from the run's
+    config.yaml, its state loaded from latest.pt; in eval mode."""
+    from clipkd_dino.config import load_config
+    from clipkd_dino.distill import build_objective
+    from clipkd_dino.engine.checkpoint import load_checkpoint
 
-    weight = objective["dino_projector.2.weight"]
-    projector = dino_projector(weight.shape[1], weight.shape[0])
-    projector.load_state_dict({k.removeprefix("dino_projector."): v for k, v in objective.items()
-                               if k.startswith("dino_projector.")})
-    return projector
+    objective = build_objective(load_config(run_dir / "config.yaml"), model, device)
+    objective.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "latest.pt")["objective"])
+    return objective.eval()
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -75,10 +75,15 @@ def torchrun_cli(nproc: int, *args: str, timeout: float = 300, nodes: int = 1) -
                                        "".join(out for out, _ in outputs), "".join(err for _, err in outputs))
 
 
+def launch(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """`clipkd ARGS` in this process, or under torchrun with more `processes`."""
+    return clipkd(*args) if processes == 1 else torchrun_cli(processes, *args)
+
+
 def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_after_step: int, total_steps: int,
                                           command: tuple[str, ...] = ("train",),
                                           final: tuple[str, str] | None = None,
-                                          stop: signal.Signals = signal.SIGKILL) -> None:
+                                          stop: signal.Signals = signal.SIGKILL, processes: int = 1) -> None:
     """Train CONFIG uninterrupted; train it again, stop it once past `kill_after_step`, resume with
     `--resume latest` (`resume_latest`); assert the two runs end with identical weights. The config's output dir is
     the run's.
@@ -86,17 +91,20 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
     `command`: the CLI command that trains (`train`, or `cls train`); `final`: (checkpoint file name, weights key)
     of the last weights, default (epoch_{epochs}.pt, state_dict). `stop`: SIGKILL (sent once latest.pt has passed the
     step) or a signal the trainer catches (sent once log.jsonl has; the run must save latest.pt and exit 128 + it).
+    `processes` > 1: every run under torchrun, the signal sent to its whole process group (as a scheduler does).
     """
     import torch
     import yaml
 
     raw = yaml.safe_load(config.read_text())
     run_dir = Path(raw["train"]["output_dir"])
-    reference = clipkd(*command, str(config), f"train.output_dir={tmp_path / 'reference'}")
+    reference = launch(processes, *command, str(config), f"train.output_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-2000:]
     latest = run_dir / "checkpoints" / "latest.pt"
-    process = subprocess.Popen([sys.executable, "-m", "clipkd_dino.cli", *command, str(config)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    torchrun = [] if processes == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                          str(processes)]
+    process = subprocess.Popen([sys.executable, *torchrun, "-m", "clipkd_dino.cli", *command, str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     log = run_dir / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -106,12 +114,15 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
         if stop != signal.SIGKILL and log.exists() and len(log.read_text().splitlines()) >= kill_after_step:
             break
         time.sleep(0.05)
-    process.send_signal(stop)
-    assert process.wait() == (-stop if stop == signal.SIGKILL else 128 + stop)
+    os.killpg(process.pid, stop)
+    if processes == 1:
+        assert process.wait() == (-stop if stop == signal.SIGKILL else 128 + stop)
+    else:  # torchrun reports its stopped workers with an exit code of its own
+        assert process.wait(timeout=120) != 0
     killed_at = torch.load(latest, weights_only=True)
     assert 0 < killed_at["step"] < total_steps, "the run must be killed mid-way"
 
-    resume_latest(config, command, killed_at["step"], total_steps)
+    resume_latest(config, command, killed_at["step"], total_steps, processes)
     name, key = final or (f"epoch_{raw['train']['epochs']}.pt", "state_dict")
     resumed_weights = torch.load(run_dir / "checkpoints" / name, weights_only=True)[key]
     expected = torch.load(tmp_path / "reference" / "checkpoints" / name, weights_only=True)[key]
@@ -119,8 +130,9 @@ def kill_and_resume_matches_uninterrupted(config: Path, tmp_path: Path, kill_aft
         torch.testing.assert_close(resumed_weights[tensor_name], tensor, msg=tensor_name)
 
 
-def resume_latest(config: Path, command: tuple[str, ...], saved_step: int, total_steps: int) -> None:
-    """`COMMAND CONFIG --resume latest` (in this process) after a run of CONFIG stopped with `saved_step` steps in
+def resume_latest(config: Path, command: tuple[str, ...], saved_step: int, total_steps: int,
+                  processes: int = 1) -> None:
+    """`COMMAND CONFIG --resume latest` (`launch`ed) after a run of CONFIG stopped with `saved_step` steps in
     latest.pt; asserts that it says where it resumes and that its own log lines are those of the steps after the
     saved one (training is deterministic: a run that ignored `--resume` and started again from step 0 would also end
     with the weights of an uninterrupted run). Log steps increase across log.jsonl, apart from those the stopped run
@@ -130,7 +142,7 @@ def resume_latest(config: Path, command: tuple[str, ...], saved_step: int, total
     train = yaml.safe_load(config.read_text())["train"]
     log = Path(train["output_dir"]) / "log.jsonl"
     logged_before = len(log.read_text().splitlines())
-    resumed = clipkd(*command, str(config), "--resume", "latest")
+    resumed = launch(processes, *command, str(config), "--resume", "latest")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming at step {saved_step} " in resumed.stderr
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]

@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 import yaml
 
-import clipkd_dino.train.trainer as trainer_module
+import clipkd_dino.engine.loop as engine_loop
 from clipkd_dino.config import load_config
 from clipkd_dino.engine.distributed import finish_process, gathered_objects, shutdown_distributed
 from clipkd_dino.train.trainer import Trainer
@@ -72,7 +72,7 @@ def rank_gap(trainer: Trainer) -> float:
 def main(base: str, out: str) -> None:
     raw = yaml.safe_load(Path(base).read_text())
     rank = int(os.environ["RANK"])
-    trainer_module.shutdown_distributed = lambda: None  # one process group for every recipe
+    engine_loop.shutdown_distributed = lambda: None  # one process group for every recipe
     report = {}
     for name, weights in RECIPES.items():
         config = Path(out) / f"{name}.yaml"

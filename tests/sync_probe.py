@@ -1,6 +1,7 @@
 """Counts what the training process does per optimiser step: host synchronisations and torch.distributed
-collectives. Run as `python sync_probe.py CONFIG OUT`, alone or under torchrun; writes OUT.rankR.json:
-{"syncs": [per step], "collectives": [per step], "sites": [per step: "operation at file:line", ...]}.
+collectives. Run as `python sync_probe.py CONFIG OUT [cls]` (cls: CONFIG is a `clipkd cls` config), alone or under
+torchrun; writes OUT.rankR.json: {"syncs": [per step], "collectives": [per step], "sites": [per step: "operation at
+file:line", ...], "dropout": the mask a dropout of rate 0.5 draws from the process's stream once set up}.
 
 Host synchronisations are counted by a TorchFunctionMode active for the whole run, wherever they are called from
 (clipkd_dino, torch's Python code, an f-string, a print, tqdm): the operations that read tensor values on the host
@@ -29,8 +30,11 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from clipkd_dino.classify.config import load_cls_config
+from clipkd_dino.classify.trainer import ClsTrainer
 from clipkd_dino.config import load_config
 from clipkd_dino.engine.distributed import finish_process
+from clipkd_dino.engine.loop import Engine
 from clipkd_dino.train.trainer import Trainer
 
 HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__format__", "__repr__", "__str__",
@@ -99,12 +103,20 @@ def counted_collective(function):
     return wrapper
 
 
-def main(config: str, out: str) -> None:
+def build(config: str, mode: str) -> Engine:
+    if mode == "cls":
+        return ClsTrainer(load_cls_config(config))
+    return Trainer(load_config(config))
+
+
+def main(config: str, out: str, mode: str = "clip") -> None:
     for name in COLLECTIVES:
         setattr(dist, name, counted_collective(getattr(dist, name)))
-    trainer = Trainer(load_config(config))
+    trainer = build(config, mode)
     trainer.optimizer.step = paused(trainer.optimizer.step)
-    per_step: dict[str, list] = {"syncs": [], "collectives": [], "sites": []}
+    with torch.random.fork_rng(devices=[]):
+        dropout = torch.nn.functional.dropout(torch.ones(64), 0.5).tolist()
+    per_step: dict[str, list] = {"syncs": [], "collectives": [], "sites": [], "dropout": dropout}
     step = trainer._optimizer_step
 
     def counting_step(skip: bool) -> float:

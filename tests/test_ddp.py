@@ -42,7 +42,8 @@ def test_every_recipe_trains_under_ddp_like_one_process_and_ranks_draw_their_own
         "distill": {"teacher": "toy-teacher", "cache": str(label_dir_shards), "labels": str(label_dir_shards)},
     }))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(PROBE), str(base), str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             str(PROBE), str(base), str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"PYTHONPATH": str(REPO)})  # this checkout's package
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name, report in ranks[0].items():

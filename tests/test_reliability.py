@@ -52,19 +52,52 @@ def test_a_stop_signal_saves_latest_and_the_run_resumes(tmp_path, toyworld_dir, 
     resume_latest(config, ("train",), saved["step"], 60)
 
 
-@pytest.mark.slow
-def test_sigint_mid_epoch_then_resume_gives_the_uninterrupted_classifier(tmp_path):
+def _classifier_config(tmp_path: Path, **train) -> Path:
+    """A resnet8 on 640 digits (20 steps of 32 in one process), alone: no teacher."""
     import yaml
 
     config = tmp_path / "cls.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(REPO / "configs" / "cls" / "digits" / "teacher.yaml"), "model": {"student": "resnet8"},
-        "data": {"train_limit": 320}, "optim": {"milestones": [1]},
-        "train": {"epochs": 2, "batch_size": 32, "log_every_steps": 1, "output_dir": str(tmp_path / "run")}}))
+        "data": {"train_limit": 640}, "optim": {"milestones": [1]},
+        "train": {"epochs": 1, "batch_size": 32, "log_every_steps": 1, "output_dir": str(tmp_path / "run"),
+                  **train}}))
+    return config
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_under_torchrun_then_resume_gives_the_uninterrupted_classifier(tmp_path):
+    """2 processes: every rank's random stream (the augmentations) and position come back from latest.pt."""
+    config = _classifier_config(tmp_path, epochs=2)
     kill_and_resume_matches_uninterrupted(config, tmp_path, kill_after_step=13, total_steps=20,
                                           command=("cls", "train"), final=("last.pt", "model"),
-                                          stop=signal.SIGINT)
-    assert torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)["batch_in_epoch"] == 0
+                                          stop=signal.SIGTERM, processes=2)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", weights_only=True)
+    assert saved["batch_in_epoch"] == 0 and len(saved["rng"]) == 2
+
+
+def test_classifier_skips_a_non_finite_step_and_accumulates(tmp_path, capsys):
+    """The classification mode runs the engine's step: 4 micro-batches of 32 in 2 steps (optim.accum_steps), the
+    first step's NaN loss skipped, the weights finite."""
+    from clipkd_dino.classify.config import load_cls_config
+    from clipkd_dino.classify.trainer import ClsTrainer
+
+    config = load_cls_config(str(_classifier_config(tmp_path)), ["data.train_limit=128", "optim.accum_steps=2"])
+    trainer = ClsTrainer(config)
+    forward, calls = trainer.wrapped.forward, [0]
+
+    def poisoned(images, targets, epoch):
+        logits, named = forward(images, targets, epoch)
+        calls[0] += 1
+        return logits, {k: v * float("nan") for k, v in named.items()} if calls[0] == 1 else named
+
+    trainer.wrapped.forward = poisoned
+    summary = trainer.run()
+    assert calls[0] == 4 and summary["steps"] == 2 and summary["nonfinite_steps"] == 1
+    assert "non-finite loss_ce: step skipped" in capsys.readouterr().err
+    assert [record["step"] for record in read_log(tmp_path / "run")] == [2]
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
 
 
 def _nan_on_calls(trainer: Trainer, calls: set[int]) -> list[int]:

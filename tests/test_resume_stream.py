@@ -37,13 +37,12 @@ def saved_run(toyworld_dir, tmp_path_factory) -> tuple[Path, Path]:
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     trainer = Trainer(load_config(path))
-    original = trainer._save
+    original = trainer.save_latest
 
-    def save_mid_epoch_only(target: Path, full: bool) -> None:  # keep the latest.pt of step 2 (mid-epoch)
-        if not (full and trainer.position.step > 2):
-            original(target, full)
+    def save_mid_epoch_only() -> Path:  # keep the latest.pt of step 2 (mid-epoch)
+        return original() if trainer.position.step <= 2 else trainer.latest_path
 
-    trainer._save = save_mid_epoch_only
+    trainer.save_latest = save_mid_epoch_only
     trainer.run()
     latest = root / "run" / "checkpoints" / "latest.pt"
     assert torch.load(latest, weights_only=True)["batch_in_epoch"] == 2

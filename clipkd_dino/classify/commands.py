@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--max-bad-fraction", type=float, metavar="F",
                          help="stop once more than this fraction of the images read were bad (sets the config key "
                               "data.max_bad_fraction)")
-    train.add_argument("--resume", metavar="latest|PATH",
-                       help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest') or a checkpoint file")
+    train.add_argument("--resume", metavar="latest|auto|PATH",
+                       help="continue from OUTPUT_DIR/checkpoints/latest.pt ('latest'; 'auto': when it exists, else "
+                            "start fresh, for torchrun --max-restarts) or a checkpoint file")
     centers.set_defaults(func=run_centers)
     train.set_defaults(func=run_train)
 

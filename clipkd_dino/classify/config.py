@@ -40,6 +40,7 @@ class ClsOptimConfig:
     milestones: list[int] = field(default_factory=lambda: [150, 180, 210])  # epochs where the lr is x gamma
     gamma: float = 0.1
     lr_warmup_epochs: int = 0  # linear lr warm-up (per step) over the first epochs
+    accum_steps: int = 1  # micro-batches of train.batch_size per optimiser step
 
 
 @dataclass
@@ -125,8 +126,8 @@ def check_cls_config(config: ClsConfig, for_training: bool = True) -> None:
         raise ConfigError(f"config key 'train.precision' must be one of {', '.join(PRECISIONS)}")
     check_max_bad_fraction(config.data.max_bad_fraction, "config key 'data.max_bad_fraction'")
     for key, value in {"train.epochs": config.train.epochs, "train.batch_size": config.train.batch_size,
-                       "optim.lr": config.optim.lr, "train.max_nonfinite_steps": config.train.max_nonfinite_steps
-                       }.items():
+                       "optim.lr": config.optim.lr, "optim.accum_steps": config.optim.accum_steps,
+                       "train.max_nonfinite_steps": config.train.max_nonfinite_steps}.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
     floats = [name for name, p in config_options().items() if p.annotation is float and hasattr(distill, name)]

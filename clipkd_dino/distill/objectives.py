@@ -11,13 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkd_dino.distill.terms import TERMS
 from clipkd_dino.engine.distributed import all_gather_with_grad
 from clipkd_dino.losses import clip_loss
-from clipkd_dino.losses.clip import MAX_LOGIT_SCALE, learnable_scale  # noqa: F401 (the trainer reads it here)
+from clipkd_dino.losses.clip import learnable_scale
 from clipkd_dino.models.factory import PixelNormaliser
-
-CONTRASTIVE_LOSSES = tuple(term.loss_name for term in TERMS.values() if term.batch_wide)  # the built-in terms'
 
 
 class CLIPObjective(nn.Module):

@@ -239,15 +239,6 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.start:ctx.stop]
 
 
-def global_min(value: int, device: torch.device) -> int:
-    """The smallest `value` over all processes (the value itself in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor)
-
-
 def summed_counts(counts: Mapping[str, int]) -> dict[str, int]:
     """`counts` summed over all processes (key by key; a copy in a single process), for run summaries."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,8 +1,8 @@
-"""What keeps a long run safe, shared by the CLIP and the classification trainers.
+"""What keeps a long run safe, used by the run engine (`engine.loop`) and the labelling pass.
 
 - `OutputLock`: one run per output folder (a second one stops with a clear error instead of mixing files).
 - `StopSignals`: SIGTERM / SIGINT ask the loop to save `latest` and stop at the next step boundary.
-- `NonFiniteGuard`: a step whose loss (or, in the CLIP trainer, gradient) is not finite is skipped with a warning
+- `NonFiniteGuard`: a step whose loss or gradient is not finite is skipped with a warning
   naming the term; a streak of them stops the run, so no NaN ever reaches the weights or a checkpoint.
 - `stop_on_bad_fraction`: the `max_bad_fraction` stop, agreed across ranks.
 - `save_checkpoint`: atomic, refuses non-finite weights, and turns a failed write (a full disk) into a one-line error
@@ -61,7 +61,7 @@ class OutputLock:
 
 class StopSignals:
     """Context manager: while active, SIGTERM and SIGINT only record themselves (`received`); the loop polls
-    `requested()` at step boundaries. The previous handlers come back on exit."""
+    `received` at step boundaries. The previous handlers come back on exit."""
 
     SIGNALS = STOP_SIGNALS
 
@@ -81,10 +81,6 @@ class StopSignals:
     def _record(self, number: int, frame: object) -> None:
         self.received = number
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether any rank received a stop signal (a collective call under torch.distributed)."""
-        return any_rank(self.received is not None, device)
-
     def stopped(self, where: str, saved: str, resume: str = "continue with --resume latest") -> RunStopped:
         """The exit (128 + signal) and its message: "stopped by SIGTERM WHERE; SAVED; RESUME"."""
         name = signal.Signals(self.received or signal.SIGTERM).name
@@ -92,18 +88,10 @@ class StopSignals:
 
 
 class NonFiniteGuard:
-    """Skips steps with a non-finite loss term; `limit` of them in a row stop the run with a UserError."""
+    """Counts skipped steps (a non-finite loss or gradient); `limit` of them in a row stop the run with a UserError."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.streak, self.total = limit, 0, 0
-
-    def bad_terms(self, named: dict[str, torch.Tensor], device: torch.device) -> list[str]:
-        """The names of the non-finite terms (of any rank); updates the streak and raises when it passes `limit`."""
-        local = [name for name, value in named.items() if not torch.isfinite(value.detach()).all()]
-        if not any_rank(bool(local), device):
-            self.streak = 0
-            return []
-        return self._skipped(local or ["(another process)"])
 
     def check(self, bad: bool, named: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         """Record a step whose loss or gradient was (`bad`, agreed by every process) or was not finite; a bad step
