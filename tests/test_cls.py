@@ -272,9 +272,9 @@ def test_unreadable_cifar_file_is_named(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["kd", "dkd", "reviewkd"])
+@pytest.mark.parametrize("method", ["reviewkd"])  # the method with learnable extras of its own (ABF modules)
 def test_plusplus_methods_train_under_ddp(digits_teacher, tmp_path, method):
-    """KD++, DKD++ and ReviewKD++ (the dino-loss on) for a few steps on 2 gloo processes under torchrun."""
+    """ReviewKD++ (the dino-loss on) for a few steps on 2 gloo processes under torchrun."""
     config = _student_config(tmp_path, digits_teacher, tmp_path / "centers")
     raw = yaml.safe_load(config.read_text())
     raw["base"] = [raw["base"], str(REPO / "configs" / "cls" / "methods" / f"{method}.yaml")]
@@ -328,7 +328,7 @@ def test_a_method_declared_in_one_class_trains_with_its_own_option(tmp_path, cos
     assert yaml.safe_load((run / "config.yaml").read_text())["distill"]["cosine_weight"] == 2.5
     assert json.loads((run / "log.jsonl").read_text().splitlines()[-1])["loss_kd"] > 0
     (initial,) = cosine_method
-    assert not torch.equal(torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["distiller"]
+    assert not torch.equal(torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["objective"]
                            ["bridge.weight"], initial)  # its own part trains
     with pytest.raises(ConfigError, match="distill.cosine_weight"):
         check_cls_config(load_cls_config(None, ["distill.method=cosine", "distill.cosine_weight=-1"]))
